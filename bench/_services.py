@@ -1,0 +1,175 @@
+"""Servers that bench/comm.py starts and stops: a private redis-server and a zipcomm controller."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServiceError(RuntimeError):
+    """A server could not be started."""
+
+
+def child_env() -> dict[str, str]:
+    """Environment for child processes: the repository first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (redis-server has no ``--port 0``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _exited_within(proc: subprocess.Popen, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``proc`` to exit (the pause between readiness polls)."""
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, no persistence."""
+
+    def __init__(self, workdir: Path, exe: str = "redis-server") -> None:
+        self.workdir, self.exe = workdir, exe
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.client = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def version(self) -> str:
+        out = subprocess.run([self.exe, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.strip()
+
+    def start(self, deadline: float = 20.0) -> None:
+        import redis
+        path = shutil.which(self.exe)
+        if path is None:
+            raise ServiceError(f"{self.exe} not found on PATH: install it (Debian/Ubuntu: "
+                               f"apt-get install redis-server)")
+        self.exe = path
+        for _attempt in range(3):  # the free port may be taken again before redis binds it
+            self.port = free_port()
+            log = self.workdir / f"redis-{self.port}.log"
+            with open(log, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30,
+                                      socket_connect_timeout=2)
+            end = time.monotonic() + deadline
+            while not _exited_within(self.proc, 0.02):  # poll PING until it works
+                try:
+                    if self.client.ping():
+                        return
+                except redis.ConnectionError:
+                    pass
+                if time.monotonic() > end:
+                    self.stop()
+                    raise ServiceError(f"redis-server did not answer PING within {deadline:.0f}s;"
+                                       f" log: {tail(log)}")
+            if "already in use" not in tail(log, 50):
+                raise ServiceError(f"redis-server exited with code {self.proc.returncode}: "
+                                   f"{tail(log)}")
+        raise ServiceError("redis-server could not bind a free port in 3 attempts")
+
+    def keys_left(self) -> int:
+        """Number of keys in the database (a leak check after a cell); flushes them."""
+        count = int(self.client.dbsize())
+        if count:
+            self.client.flushall()
+        return count
+
+    def memory_info(self) -> dict:
+        info = self.client.info("memory")
+        return {k: info.get(k) for k in ("used_memory", "used_memory_peak", "maxmemory")}
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        _stop(self.proc)
+
+
+class Controller:
+    """``python -m zipcomm.controller --listen 127.0.0.1:0 --ready-file PATH``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+
+    def start(self, deadline: float = 20.0) -> None:
+        tag = uuid.uuid4().hex[:8]
+        ready, log = self.workdir / f"controller-{tag}.ready", self.workdir / f"controller-{tag}.log"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zipcomm.controller", "--listen", "127.0.0.1:0",
+                 "--ready-file", str(ready)],
+                cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT)
+        end = time.monotonic() + deadline
+        while not _exited_within(self.proc, 0.02):  # poll for the ready file
+            text = ready.read_text() if ready.exists() else ""
+            if text.endswith("\n") and text.strip():
+                self.address = text.strip()
+                return
+            if time.monotonic() > end:
+                self.stop()
+                raise ServiceError(f"zipcomm controller wrote no ready file within "
+                                   f"{deadline:.0f}s; log: {tail(log)}")
+        raise ServiceError(f"zipcomm controller exited with code {self.proc.returncode}: "
+                           f"{tail(log, 3)}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def zipcomm_import_error() -> str | None:
+    """None if zipcomm's public async API imports, else the error (checked in a subprocess)."""
+    code = "import zipcomm; zipcomm.connect, zipcomm.SUM, zipcomm.BOTH"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(),
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "ImportError: 'import zipcomm' did not finish within 120s"
+    if out.returncode == 0:
+        return None
+    lines = out.stderr.strip().splitlines()
+    return lines[-1] if lines else f"import zipcomm exited with code {out.returncode}"

@@ -1,0 +1,258 @@
+"""One rank of one bench/comm.py cell: ``python -m bench._worker '<json config>'``.
+
+Sets up the backend, joins, runs one verified warm-up round and ``reps`` verified timed rounds
+of one operation, and prints JSON lines on stdout (flushed as they happen):
+
+* ``{"type": "round", "rank", "round", "start", "end", "cls"}`` per timed round: ``start`` is
+  ``time.perf_counter()`` just after the barrier that precedes the round, ``end`` when this rank
+  has its result (CLOCK_MONOTONIC on Linux, so comparable between processes of one host);
+* ``{"type": "done", "rank"}`` at the end, or ``{"type": "error", "rank", "phase", "error"}``
+  (exit code 2) or ``{"type": "unavailable", "rank", "error"}`` (exit code 3).
+
+Inputs are built and results checked outside the timed section: broadcast payloads must arrive
+bit-exact, reduce results must equal the closed-form sum of all contributions, and a shuffle
+output must hold exactly the items of all ranks' inputs that hash to this rank.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+EXIT_ERROR, EXIT_UNAVAILABLE = 2, 3
+
+
+class Unavailable(Exception):
+    """The backend cannot be used at all (e.g. zipcomm is not importable yet)."""
+
+
+class WrongResult(Exception):
+    """An operation returned a wrong answer."""
+
+
+def emit(**record: Any) -> None:
+    print(json.dumps(record), flush=True)
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        remaining = self.end - time.perf_counter()
+        if remaining <= 0:
+            raise TimeoutError(f"worker deadline of {self.seconds:.0f}s passed")
+        return remaining
+
+
+class RedisBackend:
+    def __init__(self, cfg: dict, dl: Deadline) -> None:
+        self.cfg, self.dl, self.rank = cfg, dl, cfg["rank"]
+
+    async def open(self) -> None:
+        from bench.redis_backend import RedisComm
+        self.comm = RedisComm(self.cfg["redis_url"], self.rank, self.cfg["n"], self.cfg["prefix"],
+                              timeout=self.dl.seconds, poll_spin=self.cfg["poll_spin"],
+                              poll_sleep=self.cfg["poll_sleep"])
+        await self.comm.__aenter__()
+
+    async def barrier(self) -> None:
+        await self.comm.barrier(timeout=self.dl.left())
+
+    async def broadcast(self, payload: np.ndarray) -> Any:
+        return await self.comm.broadcast(payload if self.rank == 0 else None, root=0,
+                                         timeout=self.dl.left())
+
+    async def reduce(self, x: np.ndarray) -> Any:
+        return await self.comm.reduce(x, op=np.add, root=0, timeout=self.dl.left())
+
+    async def allreduce(self, x: np.ndarray) -> Any:
+        return await self.comm.allreduce(x, op=np.add, timeout=self.dl.left())
+
+    async def shuffle(self, x: np.ndarray) -> np.ndarray:
+        return await self.comm.shuffle(x, timeout=self.dl.left())
+
+    async def close(self) -> None:
+        if hasattr(self, "comm"):
+            await self.comm.aclose()
+
+
+class ZipcommBackend:
+    """Written against zipcomm's public async API (DESIGN.md 3.4)."""
+
+    def __init__(self, cfg: dict, dl: Deadline) -> None:
+        self.cfg, self.dl, self.rank, self.n = cfg, dl, cfg["rank"], cfg["n"]
+        self.rt = None
+        self.num_lambdas: int | None = None
+
+    async def open(self) -> None:
+        try:
+            import zipcomm
+            self.zc, _ = zipcomm, (zipcomm.connect, zipcomm.SUM, zipcomm.BOTH)
+        except Exception as exc:  # ImportError, or a half-written package without the names
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        zc, name, op = self.zc, self.cfg["prefix"], self.cfg["op"]
+        self.rt = await zc.connect(self.cfg["controller"])
+        if op == "broadcast":
+            self.ch = await self.rt.broadcast_channel(f"{name}-broadcast")
+        elif op == "reduce":
+            handler = self._on_reduce if self.rank == 0 else None
+            self.ch = await self.rt.reduce_channel(f"{name}-reduce", reduce_f=zc.SUM, handler=handler)
+        elif op == "allreduce":
+            self.ch = await self.rt.reduce_channel(f"{name}-allreduce", reduce_f=zc.SUM)
+        else:
+            self.ch = await self.rt.shuffle_channel(f"{name}-shuffle", role=zc.BOTH)
+        self.bar = await self.rt.reduce_channel(f"{name}-barrier", reduce_f=zc.SUM)
+        # Every rank joined the op channel before the barrier channel, so once a barrier round
+        # counts all n contributors, every member of the op channel is in.
+        while (count := await self._count()) != self.n:
+            if count > self.n:
+                raise WrongResult(f"barrier counted {count} contributors, expected {self.n}")
+
+    def _on_reduce(self, result: Any, num_lambdas: int) -> None:
+        self.num_lambdas = num_lambdas
+
+    async def _count(self) -> int:
+        got = await self.bar.allreduce(np.ones(1, dtype=np.int64), timeout=self.dl.left())
+        return int(np.asarray(got).reshape(-1)[0])
+
+    async def barrier(self) -> None:
+        if (count := await self._count()) != self.n:
+            raise WrongResult(f"barrier counted {count} contributors, expected {self.n}")
+
+    async def broadcast(self, payload: np.ndarray) -> Any:
+        if self.rank == 0:
+            await self.ch.send(payload)
+            return payload
+        return await self.ch.receive(timeout=self.dl.left())
+
+    async def reduce(self, x: np.ndarray) -> Any:
+        result = await self.ch.reduce(x)
+        if self.rank == 0 and self.num_lambdas != self.n:
+            raise WrongResult(f"reduce handler saw num_lambdas={self.num_lambdas}, expected {self.n}")
+        return result
+
+    async def allreduce(self, x: np.ndarray) -> Any:
+        return await self.ch.allreduce(x, timeout=self.dl.left())
+
+    async def shuffle(self, x: np.ndarray) -> np.ndarray:
+        return await self.ch.shuffle_send_receive(x, hash_function=lambda a, n: a % n,
+                                                  timeout=self.dl.left())
+
+    async def close(self) -> None:
+        if self.rt is not None:
+            await self.rt.aclose()
+
+
+BACKENDS = {"redis": RedisBackend, "zipcomm": ZipcommBackend}
+
+
+def shuffle_input(seed: int, src: int, rnd: int, items: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, src, rnd + 1])
+    return rng.integers(0, 2**40, size=items, dtype=np.int64)
+
+
+def check_array(got: Any, want: np.ndarray, what: str) -> None:
+    got = np.asarray(got) if got is not None else None
+    if got is None or got.dtype != want.dtype or got.shape != want.shape:
+        desc = "None" if got is None else f"{got.dtype}{list(got.shape)}"
+        raise WrongResult(f"{what}: got {desc}, expected {want.dtype}{list(want.shape)}")
+    if not np.array_equal(got, want):
+        bad = int(np.flatnonzero(got.reshape(-1) != want.reshape(-1))[0])
+        raise WrongResult(f"{what}: element {bad} is {got.reshape(-1)[bad]}, "
+                          f"expected {want.reshape(-1)[bad]}")
+
+
+def verify(cfg: dict, rnd: int, x: np.ndarray, tag: int, res: Any) -> int | None:
+    """Raise WrongResult unless ``res`` is right; return the shuffle class received."""
+    op, n, rank = cfg["op"], cfg["n"], cfg["rank"]
+    what = f"{op} round {rnd} rank {rank}"
+    if op == "broadcast" and rank != 0:
+        check_array(res, x, what)
+    elif op == "allreduce" or (op == "reduce" and rank == 0):
+        base = np.arange(x.size, dtype=np.int64)
+        check_array(res, base * n + (n * (n - 1) // 2 + n * tag), what)
+    elif op == "reduce" and res is not None:
+        raise WrongResult(f"{what}: non-root reduce returned {type(res).__name__}, expected None")
+    elif op == "shuffle":
+        res = np.asarray(res)
+        cls = rank if cfg["backend"] == "redis" or res.size == 0 else int(res[0] % n)
+        if res.size and np.any(res % n != cls):
+            raise WrongResult(f"{what}: received items of several hash classes")
+        inputs = [shuffle_input(cfg["seed"], src, rnd, cfg["shuffle_items"]) for src in range(n)]
+        want = np.sort(np.concatenate([a[a % n == cls] for a in inputs]))
+        check_array(np.sort(res), want, f"{what} (items hashing to {cls})")
+        return cls
+    return None
+
+
+async def run(cfg: dict, dl: Deadline, state: dict) -> None:
+    backend = BACKENDS[cfg["backend"]](cfg, dl)
+    op, rank, n = cfg["op"], cfg["rank"], cfg["n"]
+    state["phase"] = "setup"
+    try:
+        await backend.open()
+        base = np.arange(max(1, math.ceil(cfg["size_bytes"] / 8)), dtype=np.int64)
+        for rnd in range(-1, cfg["reps"]):  # round -1 is the warm-up: verified, not reported
+            tag = rnd + 2
+            state["phase"] = f"round {rnd} input"
+            if op == "broadcast":
+                base[0], base[-1] = tag, -tag  # the root sends it; the others expect it
+                x = base
+            elif op == "shuffle":
+                x = shuffle_input(cfg["seed"], rank, rnd, cfg["shuffle_items"])
+            else:
+                x = base + (rank + tag)
+            state["phase"] = f"round {rnd} barrier"
+            await backend.barrier()
+            state["phase"] = f"round {rnd} {op}"
+            start = time.perf_counter()
+            res = await getattr(backend, op)(x)
+            end = time.perf_counter()
+            state["phase"] = f"round {rnd} verify"
+            cls = verify(cfg, rnd, x, tag, res)
+            del res
+            if rnd >= 0:
+                emit(type="round", rank=rank, round=rnd, start=start, end=end, cls=cls)
+        state["phase"] = "close"
+    finally:
+        await asyncio.wait_for(backend.close(), timeout=10)
+    emit(type="done", rank=rank, n=n)
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(argv[1])
+    state = {"phase": "start"}
+    dl = Deadline(cfg["timeout"])
+
+    async def body() -> None:
+        await asyncio.wait_for(run(cfg, dl, state), timeout=cfg["timeout"])
+
+    try:
+        if cfg.get("loop") == "uvloop":
+            import uvloop
+            uvloop.run(body())
+        else:
+            asyncio.run(body())
+    except Unavailable as exc:
+        emit(type="unavailable", rank=cfg["rank"], error=str(exc))
+        return EXIT_UNAVAILABLE
+    except BaseException as exc:  # report everything, including timeouts and wrong answers
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and not str(exc):
+            exc = TimeoutError(f"timed out after the worker deadline of {cfg['timeout']:.0f}s")
+        emit(type="error", rank=cfg["rank"], phase=state["phase"],
+             error=f"{type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,3 @@
+"""cirrus: end-to-end ML workflows on zipcomm (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,112 @@
+"""Broadcast: one sender per round, every member receives every item in the same order.
+
+The sender hands its data to the root (address cached, re-resolved when the
+root stops answering); the root sequences it into the channel stream. ``send``
+returns once the item came back to the sender through the tree, so it is in
+the stream for good: a retry after a root failure is de-duplicated by
+``(origin, msg_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from ..errors import ChannelClosed, CollectiveTimeout
+from ..ops import freeze
+from ..protocol import messages as m
+from .core import ChannelCore
+
+RESUBMIT_AFTER = 1.0  # seconds without the item coming back before asking for the root again
+
+
+class BroadcastChannel(ChannelCore):
+    kind = "broadcast"
+
+    def __init__(self, runtime, name: str, *, queue_size: int = 64) -> None:
+        super().__init__(runtime, name, "member")
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=queue_size)
+        self._msg_ids = itertools.count(1)
+        self._acks: dict[int, asyncio.Future] = {}
+        self._root: list | None = None
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, data: Any, *, timeout: float | None = 30.0) -> None:
+        """Broadcast ``data`` to every other member of the channel."""
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} closed")
+        msg_id = next(self._msg_ids)
+        submit = m.Submit(channel=self.name, origin=self.me, msg_id=msg_id, data=data)
+        submit.to_frame()  # refuse an unsupported payload here, at the sender
+        ack = asyncio.get_running_loop().create_future()
+        self._acks[msg_id] = ack
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self._submit(submit)
+                    done, _ = await asyncio.wait([ack], timeout=RESUBMIT_AFTER)
+                    if done:
+                        ack.result()
+                        return
+                    self._root = None  # no echo yet: the root may have changed
+        except TimeoutError:
+            raise CollectiveTimeout(
+                "broadcast not delivered", channel=self.name, epoch=self.epoch, round=msg_id
+            ) from None
+        finally:
+            self._acks.pop(msg_id, None)
+
+    async def _submit(self, submit: m.Submit) -> None:
+        if self.is_root:
+            self.on_submit(submit)
+            return
+        if self._root is None:
+            info = await self.rt.request(m.LookupRoot, channel=self.name)
+            self._root = info["root"]
+        root = self._root
+        if root[0] == self.me:
+            self.on_submit(submit)
+            return
+        self.rt.send_to(root[0], root[1], submit)
+        await self.rt.drain_to(root[0])
+
+    async def receive(self, *, timeout: float | None = None) -> Any:
+        """The next broadcast sent by another member (in the channel's order)."""
+        if self.closed and self._queue.empty():
+            raise ChannelClosed(f"channel {self.name!r} closed")
+        getter = asyncio.ensure_future(self._queue.get())
+        closed = asyncio.ensure_future(self._closed_event())
+        try:
+            done, _ = await asyncio.wait([getter, closed], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if closed in done:
+            raise ChannelClosed(f"channel {self.name!r} closed")
+        raise CollectiveTimeout("no broadcast received", channel=self.name, epoch=self.epoch,
+                                round=self.last_key[1])
+
+    async def _closed_event(self) -> None:
+        while not self.closed:
+            await self.changed.wait()
+
+    async def on_item(self, item: m.Item) -> None:
+        if item.kind != "b":
+            return
+        origin = item.meta["origin"]
+        if origin == self.me:
+            ack = self._acks.get(item.meta["msg_id"])
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+            return
+        await self._queue.put(freeze(item.data))
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(exc)

@@ -1,0 +1,399 @@
+"""What every channel kind shares: its place in the tree, links to parent and
+children, and the channel's ordered stream.
+
+The stream is a totally ordered log of items (broadcast data, reduce round
+results, shuffle member lists, departures) keyed ``(term, n)``: the root of term
+``term`` assigns ``n``. Items flow down the tree; every node keeps a bounded
+history so that a child re-wired under it can catch up, and a child that is
+ahead of its new parent pushes what it has upward (after a root failure the
+survivors hold the longest prefix). Delivery is in key order, exactly once.
+
+Re-wiring protocol (per new parent link, FIFO on the peer connection):
+child -> parent ``link`` (its stream position and reduce progress); parent ->
+child ``link_ack`` then the items the child misses; child -> parent the items
+the parent misses, ``up_done``, the reduce pieces it must re-send, and
+``sync_done`` once its own new children have synced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ChannelClosed, MembershipError
+from ..protocol import messages as m
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+log = logging.getLogger("zipcomm.channels")
+
+HISTORY_ITEMS = 256
+HISTORY_BYTES = 512 << 20
+PENDING_ITEMS = 4096
+ROOT_SUBMIT_QUEUE = 4096
+
+Key = tuple[int, int]
+
+
+@dataclass(slots=True)
+class ChildState:
+    member: int
+    address: str
+    role: str
+    linked: bool = False
+    up_done: bool = False
+    synced: bool = False
+    sent_up_to: int = -1
+    first_round: int = 0
+
+
+def _payload_size(data: Any) -> int:
+    nbytes = getattr(data, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes)
+    if isinstance(data, (bytes, bytearray)):
+        return len(data)
+    return 64
+
+
+class ChannelCore:
+    kind = ""
+
+    def __init__(self, runtime: Runtime, name: str, role: str = "member") -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("a channel name is a non-empty string")
+        self.rt = runtime
+        self.name = name
+        self.role = role
+        self.me = runtime.member_id
+        self.epoch = 0
+        self.term = 0
+        self.depth = 0
+        self.parent: list | None = None  # [member, address, host, role]
+        self.parent_linked = False
+        self.is_root = False
+        self.root_ready = False
+        self.children: dict[int, ChildState] = {}
+        self.early_links: dict[int, m.Link] = {}
+        self.fresh = True
+        self.joined = asyncio.Event()
+        self.closed = False
+        self._need_sync_done = False
+        # stream
+        self.last_key: Key = (0, 0)
+        self.history: collections.deque[m.Item] = collections.deque()
+        self.history_bytes = 0
+        self.pending: dict[Key, tuple[int | None, m.Item]] = {}
+        self.next_n = 1
+        self.submits: collections.deque[m.Submit] = collections.deque()
+        self.last_msg: dict[int, int] = {}
+        self.changed = asyncio.Event()  # pulsed on every state change a waiter may care about
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def aclose(self, graceful: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pulse()
+        self._fail_waiters(ChannelClosed(f"channel {self.name!r} closed"))
+        self.rt._forget(self)
+        if graceful:
+            try:
+                await asyncio.wait_for(self.rt.request(m.Leave, channel=self.name), 5.0)
+            except (MembershipError, TimeoutError):
+                pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        """Kinds override: fail pending futures with ``exc``."""
+
+    def _pulse(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def wait_changed(self) -> None:
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} closed")
+        await self.changed.wait()
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} closed")
+
+    # -- controller pushes ---------------------------------------------------
+
+    def on_controller(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Rewire):
+            self.on_rewire(msg)
+        elif isinstance(msg, m.Gone) and self.is_root:
+            self.publish("g", {"member": msg.member}, None)
+
+    def on_rewire(self, msg: m.Rewire) -> None:
+        if msg.epoch < self.epoch:
+            return  # an older re-wiring overtaken by a newer one
+        self.epoch = msg.epoch
+        self.depth = msg.depth
+        new_parent = msg.parent
+        old_parent_id = self.parent[0] if self.parent else None
+        new_parent_id = new_parent[0] if new_parent else None
+        # children
+        wanted = {c[0]: c for c in msg.children}
+        for cid in list(self.children):
+            if cid not in wanted:
+                del self.children[cid]
+        for cid, info in wanted.items():
+            if cid not in self.children:
+                self.children[cid] = ChildState(cid, info[1], info[3])
+                early = self.early_links.pop(cid, None)
+                if early is not None:
+                    self._accept_link(early)
+        self.early_links.clear()
+        # parent / root
+        if new_parent_id is None:
+            if not self.is_root:
+                self.is_root = True
+                self.term = msg.term
+                self.root_ready = False
+                self.parent = None
+                self.parent_linked = False
+                self._became_root()
+        else:
+            self.is_root = False
+            self.root_ready = False
+            if new_parent_id != old_parent_id or msg.term != self.term:
+                self.parent = new_parent
+                self.parent_linked = False
+                self._link_to_parent()
+            self.term = msg.term
+        if self.is_root:
+            self.joined.set()
+        self._check_root_ready()
+        self._check_sync_done()
+        self.progress()
+        self._pulse()
+
+    def _link_to_parent(self) -> None:
+        assert self.parent is not None
+        self.send_parent(
+            m.Link(channel=self.name, epoch=self.epoch, member=self.me, last_key=list(self.last_key),
+                   fresh=self.fresh, sent_up_to=self.sent_up_to())
+        )
+        self.after_link_sent()
+        self._need_sync_done = True
+
+    def _became_root(self) -> None:
+        if self.fresh:
+            self.fresh = False
+            self.first_join_as_root()
+        self.after_became_root()
+
+    def _check_root_ready(self) -> None:
+        if not self.is_root or self.root_ready:
+            return
+        if all(c.up_done for c in self.children.values()):
+            self.root_ready = True
+            self.next_n = self.last_key[1] + 1 if self.last_key[0] == self.term else 1
+            while self.submits and self.root_ready:
+                self._sequence(self.submits.popleft())
+            self.on_root_ready()
+
+    def _check_sync_done(self) -> None:
+        if not self._need_sync_done or self.parent is None:
+            return
+        if all(c.synced for c in self.children.values()):
+            self._need_sync_done = False
+            self.send_parent(m.SyncDone(channel=self.name))
+
+    # -- peer messages -------------------------------------------------------
+
+    async def on_peer(self, sender: int, msg: m.Message) -> None:
+        if self.closed:
+            return
+        match msg:
+            case m.Link():
+                if sender in self.children:
+                    self._accept_link(msg)
+                else:
+                    self.early_links[sender] = msg  # its rewire reached it before ours reached us
+            case m.LinkAck():
+                self._on_link_ack(sender, msg)
+            case m.Item():
+                await self._on_item(sender, msg)
+            case m.UpDone():
+                child = self.children.get(sender)
+                if child is not None:
+                    child.up_done = True
+                    self._check_root_ready()
+            case m.SyncDone():
+                child = self.children.get(sender)
+                if child is not None:
+                    child.synced = True
+                    self._check_sync_done()
+                    self.progress()
+            case m.Submit():
+                self.on_submit(msg)
+            case _:
+                await self.on_kind_message(sender, msg)
+        self._pulse()
+
+    def _accept_link(self, msg: m.Link) -> None:
+        child = self.children[msg.member]
+        child.linked = True
+        child.up_done = False
+        child.synced = False
+        child.sent_up_to = msg.sent_up_to
+        child.first_round = self.first_round_for_child() if msg.fresh else 0
+        self.send_to_child(
+            child,
+            m.LinkAck(channel=self.name, epoch=self.epoch, last_key=list(self.last_key),
+                      next_round=child.first_round, list_round=self.list_round()),
+        )
+        if not msg.fresh:
+            their = tuple(msg.last_key)
+            for item in self.history:
+                if tuple(item.key) > their:
+                    self.send_to_child(child, item)
+
+    def _on_link_ack(self, sender: int, msg: m.LinkAck) -> None:
+        if self.parent is None or self.parent[0] != sender:
+            return
+        self.parent_linked = True
+        theirs = tuple(msg.last_key)
+        if self.fresh:
+            self.fresh = False
+            self.last_key = theirs  # a newcomer receives what comes after its join, no replay
+            self.first_join(msg.next_round, msg.list_round)
+        else:
+            for item in self.history:
+                if tuple(item.key) > theirs:
+                    self.send_parent(item)
+        self.send_parent(m.UpDone(channel=self.name))
+        self.joined.set()
+
+    # -- the stream ----------------------------------------------------------
+
+    def _is_next(self, key: Key) -> bool:
+        term, n = key
+        if term == self.last_key[0]:
+            return n == self.last_key[1] + 1
+        return term > self.last_key[0] and n == 1
+
+    async def _on_item(self, source: int | None, item: m.Item) -> None:
+        key = tuple(item.key)
+        if key <= self.last_key:
+            return  # already delivered
+        if not self._is_next(key):  # type: ignore[arg-type]
+            if len(self.pending) >= PENDING_ITEMS:
+                log.error("channel %s: stream gap at %s not filled; dropping %s", self.name, self.last_key, key)
+                return
+            self.pending[key] = (source, item)  # type: ignore[index]
+            return
+        await self._deliver(source, item)
+        while self.pending:
+            nxt = min(self.pending)
+            if not self._is_next(nxt):
+                if nxt <= self.last_key:
+                    del self.pending[nxt]
+                    continue
+                break
+            src, it = self.pending.pop(nxt)
+            await self._deliver(src, it)
+
+    async def _deliver(self, source: int | None, item: m.Item) -> None:
+        self.last_key = tuple(item.key)  # type: ignore[assignment]
+        self.history.append(item)
+        self.history_bytes += _payload_size(item.data)
+        while len(self.history) > HISTORY_ITEMS or (self.history_bytes > HISTORY_BYTES and len(self.history) > 1):
+            old = self.history.popleft()
+            self.history_bytes -= _payload_size(old.data)
+        if item.kind == "b":
+            origin, msg_id = item.meta["origin"], item.meta["msg_id"]
+            if msg_id > self.last_msg.get(origin, -1):
+                self.last_msg[origin] = msg_id
+        for child in self.children.values():
+            if child.linked and child.member != source:
+                self.send_to_child(child, item)
+        if source is not None and source != (self.parent[0] if self.parent else None):
+            if self.parent is not None and self.parent_linked:
+                self.send_parent(item)  # repair item from a child: flood toward the root
+        await self.on_item(item)
+
+    def publish(self, kind: str, meta: dict, data: Any) -> None:
+        """Root only: append an item to the stream (delivered here and sent down)."""
+        assert self.is_root
+        item = m.Item(channel=self.name, key=[self.term, self.next_n], kind=kind, meta=meta, data=data)
+        self.next_n += 1
+        self.rt._spawn(self._on_item(None, item), f"publish-{self.name}")
+
+    def on_submit(self, msg: m.Submit) -> None:
+        if not self.is_root:
+            return  # the sender re-resolves the root and retries
+        if not self.root_ready:
+            if len(self.submits) < ROOT_SUBMIT_QUEUE:
+                self.submits.append(msg)
+            return
+        self._sequence(msg)
+
+    def _sequence(self, msg: m.Submit) -> None:
+        if self.last_msg.get(msg.origin, -1) >= msg.msg_id:
+            return  # already in the stream (a retry after a root change)
+        self.last_msg[msg.origin] = msg.msg_id
+        self.publish("b", {"origin": msg.origin, "msg_id": msg.msg_id}, msg.data)
+
+    # -- sending helpers -----------------------------------------------------
+
+    def send_parent(self, msg: m.Message) -> None:
+        if self.parent is not None:
+            self.rt.send_to(self.parent[0], self.parent[1], msg)
+
+    def send_to_child(self, child: ChildState, msg: m.Message) -> None:
+        self.rt.send_to(child.member, child.address, msg)
+
+    def on_peer_lost(self, member: int) -> None:
+        """A peer connection broke. The controller repairs the tree (it sees the
+        session loss); waiters re-check their state when the re-wiring lands."""
+
+    # -- hooks for the kinds -------------------------------------------------
+
+    def sent_up_to(self) -> int:
+        return -1
+
+    def first_round_for_child(self) -> int:
+        return 0
+
+    def list_round(self) -> int:
+        return -1
+
+    def first_join(self, next_round: int, list_round: int) -> None:
+        pass
+
+    def first_join_as_root(self) -> None:
+        pass
+
+    def after_link_sent(self) -> None:
+        pass
+
+    def after_became_root(self) -> None:
+        pass
+
+    def on_root_ready(self) -> None:
+        pass
+
+    def progress(self) -> None:
+        pass
+
+    async def on_item(self, item: m.Item) -> None:
+        pass
+
+    async def on_kind_message(self, sender: int, msg: m.Message) -> None:
+        from ..errors import RemoteProtocolError
+
+        raise RemoteProtocolError(f"{msg.OP!r} is not a {self.kind} channel message")

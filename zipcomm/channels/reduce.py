@@ -1,0 +1,306 @@
+"""Reduce and allreduce: contributions combined up the tree, exact under churn.
+
+A round's values travel up as *pieces*: an atomic value plus the exact set of
+members it covers. A node merges its own value with its children's first pieces
+into one piece and sends it up once (``sent_up_to`` records how far it got).
+Anything that arrives after that (a re-sent piece of an orphaned child, or a
+child that came late) is forwarded up *unmerged*, so the pieces reaching the
+root form a laminar family: any two are disjoint or one contains the other.
+The root keeps the largest disjoint pieces — a contributor is counted once or
+not at all, and its piece is whole — and publishes the round's completion in
+the channel stream, which tells every node it may drop what it retained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import ChannelClosed, CollectiveTimeout
+from ..ops import FastOp, freeze, resolve_reduce
+from ..protocol import messages as m
+from .core import ChannelCore
+
+log = logging.getLogger("zipcomm.reduce")
+
+_NOTHING = object()
+
+
+@dataclass(slots=True)
+class _Round:
+    own: Any = _NOTHING
+    own_set: bool = False
+    allreduce: bool = False
+    wants: list = field(default_factory=list)
+    first: dict = field(default_factory=dict)  # child -> Piece
+    late: list = field(default_factory=list)  # pieces that arrived after our own first piece (root only)
+    sent: bool = False
+
+
+class ReduceChannel(ChannelCore):
+    kind = "reduce"
+
+    def __init__(self, runtime, name: str, *, reduce_f: Any = None,
+                 handler: Callable[[Any, int], Any] | None = None) -> None:
+        super().__init__(runtime, name, "member")
+        self.reduce_f = resolve_reduce(reduce_f) if reduce_f is not None else None
+        self.handler = handler
+        self.next_round = 0
+        self._sent_up_to = -1
+        self.done_up_to = -1
+        self.rounds: dict[int, _Round] = {}
+        self.retained: dict[int, list[m.Piece]] = {}
+        self._waiters: dict[int, asyncio.Future] = {}
+
+    # -- API -----------------------------------------------------------------
+
+    async def reduce(self, data: Any = _NOTHING, *, timeout: float | None = 30.0) -> Any:
+        """Contribute ``data`` to the next round (no data: take part without contributing).
+
+        A member with a ``handler`` waits for the round's result, calls
+        ``handler(result, num_lambdas)`` and returns the result; others return
+        once their part is on its way.
+        """
+        want = self.handler is not None
+        result = await self._contribute(data, allreduce=False, want=want, timeout=timeout)
+        if want:
+            value, contributors = result
+            outcome = self.handler(value, len(contributors))
+            if asyncio.iscoroutine(outcome):
+                await outcome
+            return value
+        return None
+
+    async def allreduce(self, data: Any = _NOTHING, *, timeout: float | None = 30.0,
+                        with_contributors: bool = False) -> Any:
+        """Contribute and return the round's result to every member."""
+        value, contributors = await self._contribute(data, allreduce=True, want=True, timeout=timeout)
+        return (value, contributors) if with_contributors else value
+
+    async def _contribute(self, data: Any, *, allreduce: bool, want: bool, timeout: float | None):
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} closed")
+        if data is not _NOTHING:
+            m.Piece(channel=self.name, round=0, contributors=[], data=data).to_frame()  # refuse bad payloads here
+        r = self.next_round
+        self.next_round += 1
+        rnd = self.rounds.setdefault(r, _Round())
+        rnd.own, rnd.own_set, rnd.allreduce = data, True, allreduce
+        fut = None
+        if want:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters[r] = fut
+            if not allreduce:
+                rnd.wants.append([self.me, self.rt.address])
+        self.progress()
+        if fut is None:
+            if self.parent is not None:
+                await self.rt.drain_to(self.parent[0])
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise CollectiveTimeout("reduce round did not complete", channel=self.name, epoch=self.epoch,
+                                    round=r, missing=self._missing(r)) from None
+        finally:
+            self._waiters.pop(r, None)
+
+    def _missing(self, r: int) -> list:
+        rnd = self.rounds.get(r)
+        if rnd is None:
+            return []
+        missing = [f"{c.member:x}" for c in self.children.values() if not self._child_done(c, r, rnd)]
+        if not rnd.own_set:
+            missing.append(f"{self.me:x} (own call)")
+        if rnd.sent and not self.is_root:
+            missing.append("root result")
+        return missing
+
+    # -- hooks ---------------------------------------------------------------
+
+    def sent_up_to(self) -> int:
+        return self._sent_up_to
+
+    def first_round_for_child(self) -> int:
+        return self._sent_up_to + 1
+
+    def first_join(self, next_round: int, list_round: int) -> None:
+        self.next_round = next_round
+        self._sent_up_to = next_round - 1
+        self.done_up_to = next_round - 1
+
+    def after_link_sent(self) -> None:
+        for r in sorted(self.retained):
+            for piece in self.retained[r]:
+                self.send_parent(m.Piece(channel=self.name, round=r, contributors=piece.contributors,
+                                         wants=piece.wants, late=True, allreduce=piece.allreduce,
+                                         data=piece.data))
+
+    def after_became_root(self) -> None:
+        # What we sent up before becoming root now counts as late pieces here.
+        for r, pieces in self.retained.items():
+            rnd = self.rounds.setdefault(r, _Round())
+            rnd.late.extend(pieces)
+            rnd.own_set = True
+            rnd.sent = False
+        self.retained.clear()
+        self._sent_up_to = self.done_up_to
+
+    # -- the round machine ---------------------------------------------------
+
+    def _child_done(self, child, r: int, rnd: _Round) -> bool:
+        if child.member in rnd.first:
+            return True
+        if not child.linked:
+            return False
+        if child.first_round > r:
+            return True
+        return child.synced and child.sent_up_to >= r
+
+    def progress(self) -> None:
+        if self.closed:
+            return
+        while True:
+            r = self._sent_up_to + 1
+            rnd = self.rounds.get(r)
+            if rnd is None or not rnd.own_set:
+                return
+            if self.is_root:
+                if not self.root_ready:
+                    return
+            elif self.parent is None:
+                return
+            if not all(self._child_done(c, r, rnd) for c in self.children.values()):
+                return
+            self._sent_up_to = r
+            if self.is_root:
+                self._complete(r, rnd)
+            else:
+                self._send_first(r, rnd)
+
+    def _combine(self, values: list, own_first: bool) -> Any:
+        """reduce_f over values; in-place built-ins may reuse values[0] unless it is the
+        application's own (``own_first``): received buffers are ours to overwrite."""
+        if not values:
+            return None
+        if len(values) == 1:
+            return values[0]
+        if self.reduce_f is None:
+            raise ChannelClosed(f"channel {self.name!r}: this member has no reduce_f but must combine values")
+        if isinstance(self.reduce_f, FastOp):
+            return self.reduce_f.combine(values, reuse_first=not own_first)
+        return self.reduce_f(values)
+
+    def _send_first(self, r: int, rnd: _Round) -> None:
+        values, contributors, wants = [], [], list(rnd.wants)
+        allreduce = rnd.allreduce
+        if rnd.own is not _NOTHING:
+            values.append(rnd.own)
+            contributors.append(self.me)
+        for piece in rnd.first.values():
+            if piece.contributors:
+                values.append(piece.data)
+                contributors.extend(piece.contributors)
+            wants.extend(piece.wants)
+            allreduce = allreduce or piece.allreduce
+        own_first = bool(values) and rnd.own is not _NOTHING
+        piece = m.Piece(channel=self.name, round=r, contributors=sorted(contributors), wants=wants,
+                        late=False, allreduce=allreduce, data=self._combine(values, own_first))
+        self.retained.setdefault(r, []).append(piece)
+        rnd.sent = True
+        rnd.first.clear()
+        rnd.own = _NOTHING  # it lives on in the retained piece
+        self.send_parent(piece)
+
+    def _complete(self, r: int, rnd: _Round) -> None:
+        pieces: list[m.Piece] = list(rnd.first.values()) + list(rnd.late)
+        if rnd.own is not _NOTHING:
+            pieces.append(m.Piece(channel=self.name, round=r, contributors=[self.me], data=rnd.own))
+        # Largest first: in a laminar family that keeps the maximal disjoint cover.
+        pieces.sort(key=lambda p: len(p.contributors), reverse=True)
+        covered: set[int] = set()
+        own_first = False
+        values, wants = [], list(rnd.wants)
+        allreduce = rnd.allreduce
+        for piece in pieces:
+            wants.extend(piece.wants)
+            allreduce = allreduce or piece.allreduce
+            ids = set(piece.contributors)
+            if not ids:
+                continue
+            if ids & covered:
+                if not ids <= covered:
+                    log.error("channel %s round %d: overlapping pieces; dropping %d contributors",
+                              self.name, r, len(ids - covered))
+                continue
+            covered |= ids
+            values.append(piece.data)
+            own_first = own_first or (len(values) == 1 and piece.contributors == [self.me] and rnd.own is not _NOTHING)
+        value = self._combine(values, own_first)
+        ids = sorted(covered)
+        del self.rounds[r]
+        seen = set()
+        for member, address in wants:
+            if member in seen:
+                continue
+            seen.add(member)
+            if member == self.me:
+                self._resolve(r, value, ids)
+            else:
+                self.rt.send_to(member, address,
+                                m.Result(channel=self.name, round=r, contributors=ids, data=value))
+        self.publish("r", {"round": r, "contributors": ids, "all": allreduce},
+                     value if allreduce else None)
+
+    def _resolve(self, r: int, value: Any, contributors: list) -> None:
+        fut = self._waiters.get(r)
+        if fut is not None and not fut.done():
+            fut.set_result((value, contributors))
+
+    async def on_kind_message(self, sender: int, msg: m.Message) -> None:
+        match msg:
+            case m.Piece():
+                self._on_piece(sender, msg)
+            case m.Result():
+                self._resolve(msg.round, msg.data, msg.contributors)
+            case _:
+                await super().on_kind_message(sender, msg)
+
+    def _on_piece(self, sender: int, piece: m.Piece) -> None:
+        r = piece.round
+        if r <= self.done_up_to:
+            return  # the round is complete: this is a copy of something already counted
+        if piece.late or r <= self._sent_up_to or sender not in self.children:
+            if self.is_root:
+                self.rounds.setdefault(r, _Round()).late.append(piece)
+            else:
+                piece.late = True
+                self.retained.setdefault(r, []).append(piece)
+                self.send_parent(piece)
+        else:
+            rnd = self.rounds.setdefault(r, _Round())
+            if sender in rnd.first:
+                log.warning("channel %s: duplicate piece for round %d from %x", self.name, r, sender)
+                return
+            rnd.first[sender] = piece
+        self.progress()
+
+    async def on_item(self, item: m.Item) -> None:
+        if item.kind != "r":
+            return
+        r = item.meta["round"]
+        self.done_up_to = max(self.done_up_to, r)
+        for old in [k for k in self.retained if k <= r]:
+            del self.retained[old]
+        if item.meta.get("all"):
+            self._resolve(r, freeze(item.data), item.meta["contributors"])
+        if not self.is_root:
+            for old in [k for k in self.rounds if k <= r and self.rounds[k].sent]:
+                del self.rounds[old]
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)

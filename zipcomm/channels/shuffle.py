@@ -1,0 +1,217 @@
+"""Shuffle: senders partition their data by ``hash_function`` and send each part
+straight to its receiver.
+
+Round ``r`` starts when the root publishes member list ``r`` in the channel
+stream (fetched from the controller when a member first asks for it). A member
+takes part in exactly the lists that name it, in order. A receiver's round
+completes when every sender of the list has delivered its part (possibly empty)
+or has been reported gone — so a dead sender is either fully in or fully out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ChannelClosed, CollectiveTimeout
+from ..protocol import messages as m
+from .core import ChannelCore
+
+SENDER, RECEIVER, BOTH = "sender", "receiver", "both"
+ROLES = (SENDER, RECEIVER, BOTH)
+MAX_ROUNDS_AHEAD = 64  # parts buffered for rounds this member has not reached yet
+
+
+def partition(data: Any, hash_function: Callable, n: int) -> list:
+    """Split ``data`` into ``n`` parts: vectorized for numpy arrays, per item for lists."""
+    if isinstance(data, np.ndarray):
+        if n == 1:
+            return [data]
+        idx = np.asarray(hash_function(data, n))
+        if idx.shape != (len(data),) or idx.dtype.kind not in "iu":
+            raise TypeError("hash_function(array, n) must return an integer array with one index per row")
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"hash_function returned an index outside [0, {n})")
+        counts = np.bincount(idx, minlength=n)
+        order = np.argsort(idx, kind="stable")
+        ordered = data[order]
+        return np.split(ordered, np.cumsum(counts)[:-1])
+    parts: list[list] = [[] for _ in range(n)]
+    for item in data:
+        k = int(hash_function(item, n))
+        if not 0 <= k < n:
+            raise ValueError(f"hash_function returned {k}, outside [0, {n})")
+        parts[k].append(item)
+    return parts
+
+
+def _concat(parts: list) -> Any:
+    arrays = [p for p in parts if isinstance(p, np.ndarray)]
+    if arrays and len(arrays) == len(parts):
+        return np.concatenate(arrays) if arrays else arrays
+    out: list = []
+    for p in parts:
+        out.extend(p.tolist() if isinstance(p, np.ndarray) else p)
+    return out
+
+
+class ShuffleChannel(ChannelCore):
+    kind = "shuffle"
+
+    def __init__(self, runtime, name: str, *, role: str = BOTH) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        super().__init__(runtime, name, role)
+        self.next_round = 0
+        self._list_round = -1
+        self.lists: dict[int, list] = {}  # rounds naming this member, not yet taken
+        self.parts: dict[int, dict[int, Any]] = {}
+        self.gone: set[int] = set()
+        self._fetching = False
+        self._requested = -1
+        self._root_wanted = -1
+
+    # -- API -----------------------------------------------------------------
+
+    async def shuffle_send(self, data: Any, hash_function: Callable, *, timeout: float | None = 30.0) -> int:
+        """Send ``data`` partitioned by ``hash_function(item, n_receivers)``; returns the round."""
+        if self.role == RECEIVER:
+            raise ValueError("a RECEIVER cannot shuffle_send")
+        r, members = await self._start_round(timeout)
+        self._send_parts(r, members, data, hash_function)
+        return r
+
+    async def shuffle_receive(self, *, timeout: float | None = 30.0) -> Any:
+        """This member's data of the next round, once every sender delivered its part."""
+        if self.role == SENDER:
+            raise ValueError("a SENDER cannot shuffle_receive")
+        r, members = await self._start_round(timeout)
+        return await self._collect(r, members, timeout)
+
+    async def shuffle_send_receive(self, data: Any, hash_function: Callable, *,
+                                   timeout: float | None = 30.0) -> Any:
+        if self.role != BOTH:
+            raise ValueError("shuffle_send_receive needs role BOTH")
+        r, members = await self._start_round(timeout)
+        self._send_parts(r, members, data, hash_function)
+        return await self._collect(r, members, timeout)
+
+    # -- rounds --------------------------------------------------------------
+
+    async def _start_round(self, timeout: float | None) -> tuple[int, list]:
+        if self.closed:
+            raise ChannelClosed(f"channel {self.name!r} closed")
+        want = self.next_round
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    ready = sorted(r for r in self.lists if r >= want)
+                    if ready:
+                        r = ready[0]
+                        members = self.lists.pop(r)
+                        for stale in [k for k in self.lists if k < r]:
+                            del self.lists[stale]
+                        self.next_round = r + 1
+                        return r, members
+                    if self._requested < want:
+                        self._requested = want
+                        await self._ask_for_list(want)
+                    await self.wait_changed()
+        except TimeoutError:
+            raise CollectiveTimeout("no member list for the shuffle round", channel=self.name,
+                                    epoch=self.epoch, round=want, missing=["root"]) from None
+
+    async def _ask_for_list(self, r: int) -> None:
+        if self.is_root:
+            self._root_wants_list(r)
+            return
+        info = await self.rt.request(m.LookupRoot, channel=self.name)
+        root = info["root"]
+        if root[0] == self.me:
+            self._root_wants_list(r)
+        else:
+            self.rt.send_to(root[0], root[1], m.NeedList(channel=self.name, round=r))
+
+    def _root_wants_list(self, r: int) -> None:
+        self._root_wanted = max(self._root_wanted, r)
+        if not self.is_root or not self.root_ready or r <= self._list_round or self._fetching:
+            return
+        self._fetching = True
+        self.rt._spawn(self._publish_list(), f"shuffle-list-{self.name}")
+
+    async def _publish_list(self) -> None:
+        try:
+            info = await self.rt.request(m.ListMembers, channel=self.name)
+        finally:
+            self._fetching = False
+        if self.is_root and self.root_ready and not self.closed:
+            r = self._list_round + 1
+            self._list_round = r  # no second fetch for the same round
+            self.publish("s", {"round": r, "members": info["members"]}, None)
+
+    def _send_parts(self, r: int, members: list, data: Any, hash_function: Callable) -> None:
+        receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+        parts = partition(data, hash_function, len(receivers)) if receivers else []
+        for (member, address, _host, _role), part in zip(receivers, parts):
+            if member == self.me:
+                self._store_part(r, self.me, part)
+            else:
+                self.rt.send_to(member, address, m.Part(channel=self.name, round=r, sender=self.me, data=part))
+
+    async def _collect(self, r: int, members: list, timeout: float | None) -> Any:
+        senders = [mm[0] for mm in members if mm[3] in (SENDER, BOTH)]
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    got = self.parts.get(r, {})
+                    missing = [s for s in senders if s not in got and s not in self.gone]
+                    if not missing:
+                        break
+                    await self.wait_changed()
+        except TimeoutError:
+            raise CollectiveTimeout("shuffle parts missing", channel=self.name, epoch=self.epoch, round=r,
+                                    missing=[f"{s:x}" for s in missing]) from None
+        got = self.parts.pop(r, {})
+        return _concat([got[s] for s in senders if s in got])
+
+    def _store_part(self, r: int, sender: int, data: Any) -> None:
+        if r < self.next_round - 1 and r not in self.parts:
+            return  # a round we already finished (a late part from a sender reported gone)
+        if r >= self.next_round + MAX_ROUNDS_AHEAD:
+            return
+        self.parts.setdefault(r, {})[sender] = data
+
+    # -- hooks ---------------------------------------------------------------
+
+    def list_round(self) -> int:
+        return self._list_round
+
+    def first_join(self, next_round: int, list_round: int) -> None:
+        self._list_round = list_round
+        self.next_round = list_round + 1
+
+    async def on_item(self, item: m.Item) -> None:
+        if item.kind == "s":
+            r = item.meta["round"]
+            self._list_round = max(self._list_round, r)
+            members = item.meta["members"]
+            if r >= self.next_round and any(mm[0] == self.me for mm in members):
+                self.lists[r] = members
+        elif item.kind == "g":
+            self.gone.add(item.meta["member"])
+        self._pulse()
+
+    async def on_kind_message(self, sender: int, msg: m.Message) -> None:
+        match msg:
+            case m.Part():
+                self._store_part(msg.round, msg.sender, msg.data)
+            case m.NeedList():
+                self._root_wants_list(msg.round)
+            case _:
+                await super().on_kind_message(sender, msg)
+
+    def on_root_ready(self) -> None:
+        if self._root_wanted > self._list_round:
+            self._root_wants_list(self._root_wanted)

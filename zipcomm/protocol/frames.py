@@ -1,0 +1,451 @@
+"""The frame codec, sans-IO: bytes in, frames out; frames in, buffers out.
+
+A frame is::
+
+    prefix (20 bytes, see limits.PREFIX) | msgpack header | buffer 0 | buffer 1 | ...
+
+The header is a map with a str ``"op"``; when the frame carries raw buffers it
+also holds their descriptors under ``"bufs"``: ``["nd", dtype_str, shape,
+nbytes]`` for a numpy array, ``["b", nbytes]`` for bytes.  Buffers travel as
+raw bytes so that numpy data is neither pickled nor copied: the encoder hands
+out memoryviews of the arrays themselves and the decoder receives straight
+into the ``np.empty`` arrays it returns.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import msgpack
+import numpy as np
+
+from ..errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError, UnsupportedPayload
+from .limits import DEFAULT_LIMITS, KNOWN_FLAGS, MAGIC, PREFIX, PREFIX_SIZE, VERSION, Limits
+
+__all__ = ["Frame", "FrameDecoder", "encode_frame", "array_problem", "WINDOW_SIZE"]
+
+# Big enough that a burst of small frames is parsed from one receive call,
+# small enough to stay cache-resident.
+WINDOW_SIZE = 64 * 1024
+
+# Compacting the window costs a copy of the unparsed tail, so it only happens
+# once the free space has become too small to be worth offering as is.
+_COMPACT_BELOW = WINDOW_SIZE // 4
+
+_MAX_NDIM = 64  # numpy's own limit; a larger shape cannot be allocated anyway
+
+# Exactly the shape of ``dtype.str`` for the dtypes we send.  Anything else
+# (object, structured, subarray dtypes) never reaches np.dtype(), whose string
+# parser accepts far more than we want a peer to exercise.
+_DTYPE_RE = re.compile(r"[<>|=][biufcmMSUV][0-9]{1,10}(?:\[[0-9]{0,6}[A-Za-z]{1,2}\])?")
+
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame: the header (without ``"bufs"``) and its buffers."""
+
+    header: dict
+    buffers: list[np.ndarray | bytearray] = field(default_factory=list)
+
+    @property
+    def op(self) -> str:
+        return self.header["op"]
+
+
+# --- encoding ---------------------------------------------------------------
+
+
+def encode_frame(
+    header: dict,
+    buffers: Sequence[np.ndarray | bytes | bytearray | memoryview] = (),
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[bytes | memoryview]:
+    """Encode one frame as pieces for ``transport.writelines()``.
+
+    The first piece is prefix + header; each non-empty buffer follows as a
+    memoryview of the caller's memory, so the caller must not modify the
+    buffers until the transport has sent them.  ``"bufs"`` is added to a copy
+    of ``header`` only when there are buffers, to keep control frames lean.
+    """
+    if not isinstance(header, dict) or type(header.get("op")) is not str:
+        raise LocalProtocolError(f"a frame header must be a dict with a str 'op', got {header!r:.200}")
+    if "bufs" in header:
+        raise LocalProtocolError("header key 'bufs' is reserved for the buffer descriptors")
+    views: list[memoryview] = []
+    total = 0
+    if buffers:
+        if len(buffers) > limits.max_buffer_count:
+            raise LocalProtocolError(
+                f"{len(buffers)} buffers in one frame exceed the limit of {limits.max_buffer_count}"
+            )
+        descriptors = []
+        for index, buffer in enumerate(buffers):
+            descriptor, view = _describe(buffer, index)
+            descriptors.append(descriptor)
+            total += view.nbytes
+            if view.nbytes:
+                views.append(view)
+        if total > limits.max_buffers:
+            raise LocalProtocolError(f"frame buffers of {total} bytes exceed the limit of {limits.max_buffers} bytes")
+        header = {**header, "bufs": descriptors}
+    try:
+        packed = msgpack.packb(header)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode the header of op {header['op']!r}: {exc}") from exc
+    if len(packed) > limits.max_header:
+        raise LocalProtocolError(
+            f"header of op {header['op']!r} is {len(packed)} bytes, over the limit of {limits.max_header} bytes"
+        )
+    return [PREFIX.pack(MAGIC, VERSION, 0, 0, len(packed), total) + packed, *views]
+
+
+def array_problem(array: np.ndarray) -> str | None:
+    """Why ``array`` cannot travel as a raw buffer, or None if it can."""
+    if isinstance(array, np.ma.MaskedArray):
+        return "masked arrays cannot be sent (the mask would be lost); send .data and .mask"
+    dtype = array.dtype
+    if dtype.hasobject:
+        return f"arrays of dtype {dtype} hold Python objects and cannot be sent (nothing is pickled)"
+    try:
+        received = _parse_dtype(dtype.str)
+    except ValueError:
+        received = None
+    if received != dtype:
+        return f"arrays of dtype {dtype} cannot be sent (structured, subarray and empty dtypes are not supported)"
+    return None
+
+
+def _describe(buffer: object, index: int) -> tuple[list, memoryview]:
+    if isinstance(buffer, np.ndarray):
+        problem = array_problem(buffer)
+        if problem:
+            raise UnsupportedPayload(f"buffers[{index}]: {problem}")
+        shape = list(buffer.shape)
+        # ascontiguousarray also drops subclasses (np.matrix would reshape to
+        # 2-D); it copies only arrays that are not already C-contiguous.
+        flat = np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
+        view = memoryview(flat)
+        return ["nd", buffer.dtype.str, shape, view.nbytes], view
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        view = memoryview(buffer)
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        return ["b", view.nbytes], view
+    raise UnsupportedPayload(
+        f"buffers[{index}]: cannot send a buffer of type {type(buffer).__name__}; "
+        "allowed: numpy arrays, bytes, bytearray, memoryview"
+    )
+
+
+@lru_cache(maxsize=256)
+def _parse_dtype(text: str) -> np.dtype:
+    if len(text) > 24 or not _DTYPE_RE.fullmatch(text):
+        raise ValueError(f"unsupported dtype string {text!r:.40}")
+    try:
+        dtype = np.dtype(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"unsupported dtype string {text!r}") from exc
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise ValueError(f"unsupported dtype string {text!r}")
+    return dtype
+
+
+# --- decoding ---------------------------------------------------------------
+
+_PREFIX_STATE = "prefix"  # waiting for a prefix in the window
+_HEADER_STATE = "header"  # waiting for a header that fits the window
+_BIG_HEADER_STATE = "big-header"  # receiving a header larger than the window into its own bytearray
+_BODY_STATE = "body"  # filling the current frame's buffers
+
+
+class FrameDecoder:
+    """Incremental frame decoder shaped for ``asyncio.BufferedProtocol``.
+
+    ``get_buffer()`` says where the next received bytes must be written and
+    ``buffer_updated(n)`` returns the frames they completed.  Prefixes and
+    headers are received into a 64 KiB window, so a burst of small frames costs
+    one call; buffer bodies are received straight into the arrays that the
+    frame will hold, so large payloads are never copied.  Body bytes that
+    arrived in the window along with their header are copied out of it, which
+    bounds that copy to one window per frame.
+
+    Every limit is checked before anything is allocated.  After an error the
+    decoder is poisoned: every later call raises the same error, because the
+    stream position is lost.  Frames completed earlier in the call that raised
+    are dropped with it; the connection is being closed anyway.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._window = memoryview(bytearray(WINDOW_SIZE))
+        self._start = 0  # first unparsed byte in the window
+        self._end = 0  # one past the last received byte in the window
+        self._state = _PREFIX_STATE
+        self._header_len = 0
+        self._buffers_len = 0
+        self._big_header: memoryview | None = None
+        self._frame: Frame | None = None
+        self._views: list[memoryview] = []  # flat byte views of the frame's non-empty buffers
+        self._view_index = 0
+        self._filled = 0  # bytes received into the current direct target
+        self._error: BaseException | None = None
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is buffered (an EOF here is clean)."""
+        return self._state is _PREFIX_STATE and self._start == self._end
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        self._raise_if_poisoned()
+        if self._state is _BODY_STATE:
+            return self._views[self._view_index][self._filled :]
+        if self._state is _BIG_HEADER_STATE:
+            return self._big_header[self._filled :]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start and WINDOW_SIZE - self._end < _COMPACT_BELOW:
+            pending = self._end - self._start
+            # bytes() because source and destination may overlap.
+            self._window[:pending] = bytes(self._window[self._start : self._end])
+            self._start, self._end = 0, pending
+        return self._window[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        self._raise_if_poisoned()
+        if not 0 <= nbytes <= self._room():
+            raise ValueError(f"buffer_updated({nbytes}) does not match the buffer handed out by get_buffer()")
+        try:
+            if self._state is _BODY_STATE:
+                return self._body_received(nbytes)
+            if self._state is _BIG_HEADER_STATE:
+                return self._big_header_received(nbytes)
+            self._end += nbytes
+            return self._parse_window()
+        except BaseException as exc:
+            self._error = exc
+            raise
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Decode ``data`` through get_buffer/buffer_updated (for tests and simple callers)."""
+        self._raise_if_poisoned()
+        source = memoryview(data).cast("B")
+        frames: list[Frame] = []
+        offset = 0
+        while offset < len(source):
+            target = self.get_buffer(len(source) - offset)
+            n = min(len(target), len(source) - offset)
+            target[:n] = source[offset : offset + n]
+            offset += n
+            frames += self.buffer_updated(n)
+        return frames
+
+    # -- internals ------------------------------------------------------------
+
+    def _raise_if_poisoned(self) -> None:
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+
+    def _room(self) -> int:
+        if self._state is _BODY_STATE:
+            return len(self._views[self._view_index]) - self._filled
+        if self._state is _BIG_HEADER_STATE:
+            return len(self._big_header) - self._filled
+        return WINDOW_SIZE - self._end
+
+    def _parse_window(self) -> list[Frame]:
+        frames = []
+        while True:
+            available = self._end - self._start
+            if self._state is _PREFIX_STATE:
+                if available < PREFIX_SIZE:
+                    break
+                self._parse_prefix()
+                self._start += PREFIX_SIZE
+                if self._header_len > WINDOW_SIZE:
+                    self._start_big_header()
+                    break
+                self._state = _HEADER_STATE
+            elif self._state is _HEADER_STATE:
+                if available < self._header_len:
+                    break
+                header_end = self._start + self._header_len
+                frame = self._begin_frame(self._window[self._start : header_end])
+                self._start = header_end
+                if frame is not None:
+                    frames.append(frame)
+            elif self._state is _BODY_STATE:
+                if not self._copy_window_into_body():
+                    break  # the window is drained; the rest arrives directly
+                frames.append(self._finish_frame())
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frames
+
+    def _parse_prefix(self) -> None:
+        magic, version, flags, reserved, header_len, buffers_len = PREFIX.unpack_from(self._window, self._start)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic {magic!r} (expected {MAGIC!r}): not a zipcomm frame stream")
+        if version != VERSION:
+            raise RemoteProtocolError(f"peer sent frame version {version}, this side speaks version {VERSION}")
+        if flags & ~KNOWN_FLAGS or reserved:
+            raise RemoteProtocolError(f"unknown frame flags {flags:#x} / reserved field {reserved:#x}")
+        if header_len > self._limits.max_header:
+            raise FrameTooLarge("frame header", header_len, self._limits.max_header)
+        if buffers_len > self._limits.max_buffers:
+            raise FrameTooLarge("frame buffers", buffers_len, self._limits.max_buffers)
+        self._header_len = header_len
+        self._buffers_len = buffers_len
+
+    def _start_big_header(self) -> None:
+        self._big_header = memoryview(bytearray(self._header_len))
+        taken = min(self._end - self._start, self._header_len)
+        self._big_header[:taken] = self._window[self._start : self._start + taken]
+        self._start += taken
+        self._filled = taken
+        self._state = _BIG_HEADER_STATE
+        # The window holds less than a big header, so it is now drained.
+
+    def _big_header_received(self, nbytes: int) -> list[Frame]:
+        self._filled += nbytes
+        if self._filled < len(self._big_header):
+            return []
+        header, self._big_header = self._big_header, None
+        frame = self._begin_frame(header)
+        return [] if frame is None else [frame]
+
+    def _begin_frame(self, header_bytes: memoryview) -> Frame | None:
+        """Parse a header and allocate its buffers; return the frame if it is already complete."""
+        header, descriptors = self._parse_header(header_bytes)
+        buffers, views = _allocate(descriptors)
+        self._frame = Frame(header, buffers)
+        self._views = views
+        self._view_index = 0
+        self._filled = 0
+        self._state = _BODY_STATE
+        if not views:
+            return self._finish_frame()
+        return None
+
+    def _parse_header(self, data: memoryview) -> tuple[dict, list]:
+        try:
+            header = msgpack.unpackb(
+                data, raw=False, strict_map_key=False, **self._limits.unpacker_caps(len(data))
+            )
+        except Exception as exc:  # msgpack raises several unrelated types for bad input
+            raise RemoteProtocolError(f"frame header is not valid msgpack: {exc!r:.200}") from exc
+        if type(header) is not dict:
+            raise RemoteProtocolError(f"frame header must be a msgpack map, got {type(header).__name__}")
+        if type(header.get("op")) is not str:
+            raise RemoteProtocolError(f"frame header has no str 'op' (got {header.get('op')!r:.100})")
+        for key in header:
+            if type(key) is not str:
+                raise RemoteProtocolError(f"frame header keys must be str, got {key!r:.100}")
+        descriptors = header.pop("bufs", [])
+        _check_descriptors(descriptors, self._buffers_len, self._limits)
+        return header, descriptors
+
+    def _copy_window_into_body(self) -> bool:
+        """Move body bytes already in the window into the buffers; True once all are full."""
+        while self._view_index < len(self._views):
+            view = self._views[self._view_index]
+            n = min(len(view) - self._filled, self._end - self._start)
+            view[self._filled : self._filled + n] = self._window[self._start : self._start + n]
+            self._start += n
+            self._filled += n
+            if self._filled < len(view):
+                return False
+            self._view_index += 1
+            self._filled = 0
+        return True
+
+    def _body_received(self, nbytes: int) -> list[Frame]:
+        self._filled += nbytes
+        if self._filled < len(self._views[self._view_index]):
+            return []
+        self._view_index += 1
+        self._filled = 0
+        if self._view_index < len(self._views):
+            return []
+        return [self._finish_frame()]
+
+    def _finish_frame(self) -> Frame:
+        frame, self._frame = self._frame, None
+        self._views = []
+        self._state = _PREFIX_STATE
+        return frame
+
+
+def _check_descriptors(descriptors: object, buffers_len: int, limits: Limits) -> None:
+    """Validate buffer descriptors against the prefix before anything is allocated."""
+    if type(descriptors) is not list:
+        raise RemoteProtocolError(f"'bufs' must be a list, got {type(descriptors).__name__}")
+    if len(descriptors) > limits.max_buffer_count:
+        raise RemoteProtocolError(
+            f"frame declares {len(descriptors)} buffers, over the limit of {limits.max_buffer_count}"
+        )
+    total = 0
+    for index, descriptor in enumerate(descriptors):
+        total += _descriptor_nbytes(descriptor, index, limits)
+        if total > buffers_len:
+            break
+    if total != buffers_len:
+        raise RemoteProtocolError(
+            f"buffer descriptors add up to {total} bytes but the prefix announces {buffers_len}"
+        )
+
+
+def _descriptor_nbytes(descriptor: object, index: int, limits: Limits) -> int:
+    if type(descriptor) is list and len(descriptor) == 4 and descriptor[0] == "nd":
+        _, dtype_text, shape, nbytes = descriptor
+        if type(dtype_text) is not str:
+            raise RemoteProtocolError(f"bufs[{index}]: dtype must be a str, got {dtype_text!r:.60}")
+        try:
+            dtype = _parse_dtype(dtype_text)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bufs[{index}]: {exc}") from None
+        if (
+            type(shape) is not list
+            or len(shape) > _MAX_NDIM
+            or not all(type(n) is int and n >= 0 for n in shape)
+        ):
+            raise RemoteProtocolError(f"bufs[{index}]: bad shape {shape!r:.200}")
+        # numpy refuses shapes whose non-zero extents overflow, even when a
+        # zero extent makes the array empty, so they are bounded too.
+        if math.prod(max(n, 1) for n in shape) * dtype.itemsize > limits.max_buffers:
+            raise RemoteProtocolError(f"bufs[{index}]: shape {shape!r:.200} is too large")
+        expected = math.prod(shape) * dtype.itemsize
+        if type(nbytes) is not int or nbytes != expected:
+            raise RemoteProtocolError(
+                f"bufs[{index}]: {nbytes!r:.40} bytes declared for shape {shape} of {dtype_text}, expected {expected}"
+            )
+        descriptor[1] = dtype  # parsed once, reused by _allocate
+        return nbytes
+    if type(descriptor) is list and len(descriptor) == 2 and descriptor[0] == "b":
+        nbytes = descriptor[1]
+        if type(nbytes) is not int or nbytes < 0:
+            raise RemoteProtocolError(f"bufs[{index}]: bad byte length {nbytes!r:.40}")
+        return nbytes
+    raise RemoteProtocolError(f"bufs[{index}]: bad buffer descriptor {descriptor!r:.200}")
+
+
+def _allocate(descriptors: list) -> tuple[list[np.ndarray | bytearray], list[memoryview]]:
+    buffers: list[np.ndarray | bytearray] = []
+    views: list[memoryview] = []
+    for descriptor in descriptors:
+        if descriptor[0] == "nd":
+            array = np.empty(descriptor[2], dtype=descriptor[1])
+            buffers.append(array)
+            view = memoryview(array.reshape(-1).view(np.uint8))
+        else:
+            data = bytearray(descriptor[1])
+            buffers.append(data)
+            view = memoryview(data)
+        if view.nbytes:
+            views.append(view)
+    return buffers, views

@@ -1,0 +1,306 @@
+"""Typed message records: one slotted dataclass per ``op``.
+
+A record becomes a frame header (``{"op": OP, field: value, ...}``) plus raw
+buffers; a record whose class has a ``data`` field carries an application value
+packed out of band by :mod:`zipcomm.protocol.payload` (numpy arrays never copied).
+Decoding validates presence and basic types, so a handler never probes dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import RemoteProtocolError
+from .frames import Frame
+from .payload import pack_payload, unpack_payload
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+# Field types we check on decode (msgpack gives lists for tuples).
+_CHECKS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (list, tuple),
+    "dict": (dict,),
+}
+
+
+@dataclass(slots=True)
+class Message:
+    OP: ClassVar[str] = ""
+
+    def to_frame(self) -> tuple[dict, list]:
+        header: dict[str, Any] = {"op": self.OP}
+        buffers: list = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "data":
+                tree, buffers = pack_payload(value)
+                header["data"] = tree
+            else:
+                header[f.name] = value
+        return header, buffers
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> Message:
+        header = frame.header
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in header:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise RemoteProtocolError(f"message {cls.OP!r} lacks field {f.name!r}")
+            value = header[f.name]
+            if f.name == "data":
+                value = unpack_payload(value, frame.buffers)
+            else:
+                kind = f.metadata.get("kind")
+                if kind is not None and not (value is None and f.metadata.get("optional")):
+                    if not isinstance(value, _CHECKS[kind]) or (kind == "int" and isinstance(value, bool)):
+                        raise RemoteProtocolError(
+                            f"message {cls.OP!r} field {f.name!r}: expected {kind}, got {type(value).__name__}"
+                        )
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+def op(name: str):
+    """Class decorator: register a record under its wire ``op`` tag."""
+
+    def register(cls: type[Message]) -> type[Message]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"op {name!r} registered twice")
+        cls.OP = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def decode(frame: Frame) -> Message:
+    """Turn a frame into its record; an unknown op is the peer's protocol error."""
+    cls = _REGISTRY.get(frame.header.get("op"))
+    if cls is None:
+        raise RemoteProtocolError(f"unknown op {frame.header.get('op')!r}")
+    return cls.from_frame(frame)
+
+
+def _int(optional: bool = False, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"kind": "int", "optional": optional})
+
+
+def _str(default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"kind": "str"})
+
+
+def _list(default_factory: Any = dataclasses.MISSING) -> Any:
+    if default_factory is dataclasses.MISSING:
+        return field(metadata={"kind": "list"})
+    return field(default_factory=default_factory, metadata={"kind": "list"})
+
+
+def _bool(default: Any = False) -> Any:
+    return field(default=default, metadata={"kind": "bool"})
+
+
+# A member on the wire: [member_id, "host:port", host_id, role]
+MemberWire = list
+
+
+# --- member <-> controller ---------------------------------------------------
+
+
+@op("hello")
+@dataclass(slots=True)
+class Hello(Message):
+    member: int = _int()
+    address: str = _str()
+    host: str = _str()
+
+
+@op("welcome")
+@dataclass(slots=True)
+class Welcome(Message):
+    heartbeat: float = field(default=1.0)
+    timeout: float = field(default=5.0)
+
+
+@op("ping")
+@dataclass(slots=True)
+class Ping(Message):
+    pass
+
+
+@op("join")
+@dataclass(slots=True)
+class Join(Message):
+    req: int = _int()
+    channel: str = _str()
+    kind: str = _str()
+    role: str = _str()
+    epoch_hint: int = _int()
+
+
+@op("leave")
+@dataclass(slots=True)
+class Leave(Message):
+    req: int = _int()
+    channel: str = _str()
+
+
+@op("lookup_root")
+@dataclass(slots=True)
+class LookupRoot(Message):
+    req: int = _int()
+    channel: str = _str()
+
+
+@op("list_members")
+@dataclass(slots=True)
+class ListMembers(Message):
+    req: int = _int()
+    channel: str = _str()
+
+
+@op("reply")
+@dataclass(slots=True)
+class Reply(Message):
+    """Answer to a request: ``result`` is a dict whose meaning depends on the request."""
+
+    req: int = _int()
+    ok: bool = _bool(True)
+    result: dict = field(default_factory=dict, metadata={"kind": "dict"})
+    error: str = _str("")
+
+
+@op("rewire")
+@dataclass(slots=True)
+class Rewire(Message):
+    """Controller -> member: your new place in a channel tree (after an epoch bump)."""
+
+    channel: str = _str()
+    epoch: int = _int()
+    parent: list | None = field(default=None, metadata={"kind": "list", "optional": True})
+    children: list = _list(list)
+    depth: int = _int(default=0)
+    term: int = _int(default=0)
+    removed: int | None = _int(optional=True, default=None)
+
+
+@op("gone")
+@dataclass(slots=True)
+class Gone(Message):
+    """Controller -> root: ``member`` left or failed (the root publishes it)."""
+
+    channel: str = _str()
+    epoch: int = _int()
+    member: int = _int()
+
+
+# --- member <-> member -------------------------------------------------------
+
+
+@op("peer_hello")
+@dataclass(slots=True)
+class PeerHello(Message):
+    member: int = _int()
+
+
+@op("link")
+@dataclass(slots=True)
+class Link(Message):
+    """Child -> new parent: where I stand in the stream and in reduce rounds."""
+
+    channel: str = _str()
+    epoch: int = _int()
+    member: int = _int()
+    last_key: list = _list()
+    sent_up_to: int = _int()
+    fresh: bool = _bool(False)
+
+
+@op("link_ack")
+@dataclass(slots=True)
+class LinkAck(Message):
+    channel: str = _str()
+    epoch: int = _int()
+    last_key: list = _list()
+    next_round: int = _int()
+    list_round: int = _int()
+
+
+@op("item")
+@dataclass(slots=True)
+class Item(Message):
+    """One entry of a channel's ordered stream (broadcast data, round results, lists)."""
+
+    channel: str = _str()
+    key: list = _list()
+    kind: str = _str()
+    meta: dict = field(default_factory=dict, metadata={"kind": "dict"})
+    data: Any = None
+
+
+@op("up_done")
+@dataclass(slots=True)
+class UpDone(Message):
+    channel: str = _str()
+
+
+@op("submit")
+@dataclass(slots=True)
+class Submit(Message):
+    """Sender -> root: please sequence this broadcast (``origin``/``msg_id`` dedup)."""
+
+    channel: str = _str()
+    origin: int = _int()
+    msg_id: int = _int()
+    data: Any = None
+
+
+@op("need_list")
+@dataclass(slots=True)
+class NeedList(Message):
+    channel: str = _str()
+    round: int = _int()
+
+
+@op("piece")
+@dataclass(slots=True)
+class Piece(Message):
+    """Part of a reduce round travelling up the tree (an atomic set of contributors)."""
+
+    channel: str = _str()
+    round: int = _int()
+    contributors: list = _list()
+    wants: list = _list(list)
+    late: bool = _bool(False)
+    allreduce: bool = _bool(False)
+    data: Any = None
+
+
+@op("sync_done")
+@dataclass(slots=True)
+class SyncDone(Message):
+    channel: str = _str()
+
+
+@op("result")
+@dataclass(slots=True)
+class Result(Message):
+    channel: str = _str()
+    round: int = _int()
+    contributors: list = _list()
+    data: Any = None
+
+
+@op("part")
+@dataclass(slots=True)
+class Part(Message):
+    channel: str = _str()
+    round: int = _int()
+    sender: int = _int()
+    data: Any = None

@@ -1,0 +1,368 @@
+"""The per-process runtime: one controller session, one peer listener, one
+outbound connection per peer process, and the channel handles of this process.
+
+Data is received and forwarded in the background (reader tasks owned by the
+runtime), before the application calls ``receive()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import socket
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BrokenByPeer,
+    ChannelClosed,
+    ConnectionClosed,
+    MembershipError,
+    ProtocolError,
+    RemoteProtocolError,
+    ZipTimeout,
+)
+from .protocol import messages as m
+from .protocol.handshake import load_secret
+from .transport.connection import Connection, Server, open_connection, start_server
+
+if TYPE_CHECKING:
+    from .channels.core import ChannelCore
+
+log = logging.getLogger("zipcomm.runtime")
+
+PENDING_FRAMES_PER_PEER = 4096  # frames queued while a peer connection is being opened
+CONTROLLER_REQUESTS_IN_FLIGHT = 1024
+
+
+class _PeerLink:
+    """Outbound, send-only connection to one peer process (FIFO per peer)."""
+
+    def __init__(self, runtime: Runtime, member: int, address: str) -> None:
+        self.member = member
+        self.address = address
+        self.conn: Connection | None = None
+        self.pending: list[tuple[dict, list]] = []
+        self.failed: BaseException | None = None
+        self.task = runtime._spawn(self._connect(runtime), f"peer-connect-{member:x}")
+
+    async def _connect(self, runtime: Runtime) -> None:
+        try:
+            conn = await open_connection(self.address, secret=runtime.secret)
+            conn.info["member"] = self.member
+            conn.send(*m.PeerHello(member=runtime.member_id).to_frame())
+            for header, buffers in self.pending:
+                conn.send(header, buffers)
+            self.pending.clear()
+            self.conn = conn
+            await conn.closed
+            raise BrokenByPeer(f"connection to peer {self.member:x} at {self.address} closed")
+        except (ConnectionClosed, ZipTimeout) as exc:
+            self.failed = exc
+            self.pending.clear()
+            runtime._peer_lost(self, exc)
+
+    def send(self, header: dict, buffers: list) -> None:
+        if self.failed is not None:
+            raise BrokenByPeer(f"peer {self.member:x} unreachable: {self.failed}")
+        if self.conn is not None:
+            self.conn.send(header, buffers)
+            return
+        if len(self.pending) >= PENDING_FRAMES_PER_PEER:
+            raise BrokenByPeer(f"peer {self.member:x}: {PENDING_FRAMES_PER_PEER} frames pending while connecting")
+        self.pending.append((header, buffers))
+
+    async def drain(self) -> None:
+        if self.conn is not None:
+            await self.conn.drain()
+
+
+class Runtime:
+    """One per process. Use ``async with zipcomm.connect("HOST:PORT") as rt``."""
+
+    def __init__(
+        self,
+        controller: str,
+        *,
+        secret: bytes | None = None,
+        listen_host: str = "127.0.0.1",
+        host_id: str | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.controller_address = controller
+        self.secret = secret if secret is not None else load_secret()
+        self.listen_host = listen_host
+        self.host_id = host_id or socket.gethostname()
+        self.member_id = random.SystemRandom().getrandbits(62) | (1 << 62)
+        self.connect_timeout = connect_timeout
+        self.address = ""
+        self.channels: dict[str, ChannelCore] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._server: Server | None = None
+        self._session: Connection | None = None
+        self._session_ready = asyncio.Event()
+        self._requests: dict[int, asyncio.Future] = {}
+        self._req_ids = itertools.count(1)
+        self._peers: dict[int, _PeerLink] = {}
+        self._closing = False
+        self.heartbeat = 1.0
+        self.heartbeat_timeout = 5.0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> Runtime:
+        self._server = await start_server(f"{self.listen_host}:0", self._serve_peer, secret=self.secret)
+        self.address = self._server.address
+        await self._open_session(deadline=self.connect_timeout)
+        self._spawn(self._session_loop(), "controller-session")
+        return self
+
+    async def aclose(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for core in list(self.channels.values()):
+            try:
+                await core.aclose(graceful=self._session_ready.is_set())
+            except Exception:  # leaving is best effort; the session loss repairs the tree
+                log.debug("leave of %s failed", core.name, exc_info=True)
+        if self._session is not None:
+            self._session.abort()
+        if self._server is not None:
+            await self._server.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self._peers.values():
+            if link.conn is not None:
+                link.conn.abort()
+        self._peers.clear()
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed("runtime closed"))
+        self._requests.clear()
+
+    async def __aenter__(self) -> Runtime:
+        if not self.address:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __await__(self):  # ``rt = await zipcomm.connect(...)``
+        return self.start().__await__()
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- channels ------------------------------------------------------------
+
+    async def broadcast_channel(self, name: str, *, queue_size: int = 64, timeout: float | None = 30.0):
+        from .channels.broadcast import BroadcastChannel
+
+        return await self._join(BroadcastChannel(self, name, queue_size=queue_size), timeout)
+
+    async def reduce_channel(self, name: str, reduce_f: Any = None, handler: Any = None,
+                             *, timeout: float | None = 30.0):
+        from .channels.reduce import ReduceChannel
+
+        return await self._join(ReduceChannel(self, name, reduce_f=reduce_f, handler=handler), timeout)
+
+    async def shuffle_channel(self, name: str, role: str = "both", *, timeout: float | None = 30.0):
+        from .channels.shuffle import ShuffleChannel
+
+        return await self._join(ShuffleChannel(self, name, role=role), timeout)
+
+    async def _join(self, core: ChannelCore, timeout: float | None):
+        if self._closing:
+            raise ChannelClosed("runtime closed")
+        if core.name in self.channels:
+            raise MembershipError("this process already holds a handle to the channel", channel=core.name)
+        self.channels[core.name] = core
+        try:
+            async with asyncio.timeout(timeout):
+                result = await self.request(
+                    m.Join, channel=core.name, kind=core.kind, role=core.role, epoch_hint=0
+                )
+                core.on_rewire(m.Rewire(channel=core.name, **result))
+                await core.joined.wait()
+        except BaseException as exc:
+            self.channels.pop(core.name, None)
+            if isinstance(exc, TimeoutError):
+                raise ZipTimeout(f"joining channel {core.name!r} timed out after {timeout}s") from None
+            raise
+        return core
+
+    def _forget(self, core: ChannelCore) -> None:
+        if self.channels.get(core.name) is core:
+            del self.channels[core.name]
+
+    # -- controller session --------------------------------------------------
+
+    async def request(self, cls: type[m.Message], **fields: Any) -> dict:
+        """Send a request to the controller and wait for its reply (across reconnects)."""
+        while True:
+            await self._session_ready.wait()
+            session = self._session
+            assert session is not None
+            if len(self._requests) >= CONTROLLER_REQUESTS_IN_FLIGHT:
+                raise MembershipError("too many controller requests in flight")
+            req = next(self._req_ids)
+            fut = asyncio.get_running_loop().create_future()
+            self._requests[req] = fut
+            try:
+                session.send(*cls(req=req, **fields).to_frame())
+                reply: m.Reply = await fut
+            except ConnectionClosed:
+                continue  # the session loop reconnects; ask again
+            finally:
+                self._requests.pop(req, None)
+            if not reply.ok:
+                raise MembershipError(reply.error, channel=fields.get("channel"), member=self.member_id)
+            return reply.result
+
+    async def _open_session(self, deadline: float | None) -> None:
+        """Connect to the controller with capped, jittered backoff under a deadline."""
+        loop = asyncio.get_running_loop()
+        give_up = None if deadline is None else loop.time() + deadline
+        delay = 0.02
+        while True:
+            try:
+                conn = await open_connection(self.controller_address, secret=self.secret)
+                conn.send(*m.Hello(member=self.member_id, address=self.address, host=self.host_id).to_frame())
+                welcome = m.decode(await asyncio.wait_for(conn.recv(), 5.0))
+                if not isinstance(welcome, m.Welcome):
+                    raise RemoteProtocolError(f"controller answered {welcome.OP!r} to hello")
+                self.heartbeat, self.heartbeat_timeout = welcome.heartbeat, welcome.timeout
+                self._session = conn
+                self._session_ready.set()
+                return
+            except (ConnectionClosed, ZipTimeout, TimeoutError, ProtocolError) as exc:
+                if give_up is not None and loop.time() + delay > give_up:
+                    raise ZipTimeout(f"cannot reach the controller at {self.controller_address}: {exc}") from exc
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    async def _session_loop(self) -> None:
+        while not self._closing:
+            session = self._session
+            assert session is not None
+            beat = self._spawn(self._heartbeat(session), "controller-heartbeat")
+            try:
+                while True:
+                    frame = await asyncio.wait_for(session.recv(), self.heartbeat_timeout)
+                    self._on_controller(m.decode(frame))
+            except (ConnectionClosed, TimeoutError, ProtocolError) as exc:
+                if not self._closing:
+                    log.warning("controller session lost (%s); reconnecting", exc)
+            finally:
+                beat.cancel()
+                session.abort()
+            self._session_ready.clear()
+            for fut in list(self._requests.values()):
+                if not fut.done():
+                    fut.set_exception(BrokenByPeer("controller session lost"))
+            if self._closing:
+                return
+            await self._open_session(deadline=None)
+            # The controller may have restarted: re-announce every channel (new tree, new epoch).
+            for core in list(self.channels.values()):
+                self._spawn(self._rejoin(core), f"rejoin-{core.name}")
+
+    async def _rejoin(self, core: ChannelCore) -> None:
+        try:
+            result = await self.request(m.Join, channel=core.name, kind=core.kind, role=core.role,
+                                        epoch_hint=core.epoch + 1)
+        except MembershipError as exc:
+            if "already a member" in str(exc):
+                return  # the controller kept its state: nothing to rebuild
+            raise
+        core.on_rewire(m.Rewire(channel=core.name, **result))
+
+    async def _heartbeat(self, session: Connection) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            session.send(*m.Ping().to_frame())
+
+    def _on_controller(self, msg: m.Message) -> None:
+        match msg:
+            case m.Reply(req=req):
+                fut = self._requests.get(req)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            case m.Rewire(channel=name) | m.Gone(channel=name):
+                core = self.channels.get(name)
+                if core is not None:
+                    core.on_controller(msg)
+            case m.Ping():
+                pass
+            case _:
+                raise RemoteProtocolError(f"unexpected {msg.OP!r} from the controller")
+
+    # -- peers ---------------------------------------------------------------
+
+    def send_to(self, member: int, address: str, msg: m.Message) -> None:
+        """Send a record to a peer without waiting; failures are reported to channels."""
+        header, buffers = msg.to_frame()
+        if member == self.member_id:
+            raise AssertionError("send_to self")
+        link = self._peers.get(member)
+        if link is None or link.failed is not None:
+            link = _PeerLink(self, member, address)
+            self._peers[member] = link
+        try:
+            link.send(header, buffers)
+        except ConnectionClosed as exc:
+            log.info("dropping %s to %x: %s", msg.OP, member, exc)
+
+    async def drain_to(self, member: int) -> None:
+        link = self._peers.get(member)
+        if link is not None:
+            try:
+                await link.drain()
+            except ConnectionClosed:
+                pass
+
+    def _peer_lost(self, link: _PeerLink, exc: BaseException) -> None:
+        if self._peers.get(link.member) is link:
+            del self._peers[link.member]
+        for core in list(self.channels.values()):
+            core.on_peer_lost(link.member)
+
+    async def _serve_peer(self, conn: Connection) -> None:
+        hello = m.decode(await conn.recv())
+        if not isinstance(hello, m.PeerHello):
+            raise RemoteProtocolError(f"expected peer_hello, got {hello.OP!r}")
+        sender = hello.member
+        while True:
+            frame = await conn.recv()
+            msg = m.decode(frame)
+            name = getattr(msg, "channel", None)
+            if name is None:
+                raise RemoteProtocolError(f"peer sent {msg.OP!r} outside any channel")
+            core = self.channels.get(name)
+            if core is not None:
+                await core.on_peer(sender, msg)
+
+
+def connect(controller: str | None = None, **kwargs: Any) -> Runtime:
+    """A runtime for ``controller`` (``HOST:PORT``; default ``$ZIPCOMM_CONTROLLER``).
+
+    ``rt = await zipcomm.connect(...)`` or ``async with await zipcomm.connect(...) as rt``.
+    """
+    address = controller or os.environ.get("ZIPCOMM_CONTROLLER")
+    if not address:
+        raise ValueError("no controller address: pass one or set ZIPCOMM_CONTROLLER=HOST:PORT")
+    return Runtime(address, **kwargs)

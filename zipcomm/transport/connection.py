@@ -1,0 +1,325 @@
+"""Frame connections over asyncio streams (TCP and Unix sockets).
+
+One :class:`Connection` carries frames both ways. Receiving uses
+``asyncio.BufferedProtocol`` so that a numpy payload lands straight in its final
+array; sending uses ``writelines`` of memoryviews so it is never concatenated.
+Both directions are bounded: the receive queue pauses the socket when full, and a
+peer that stops reading is cut off once ``max_outbound`` bytes are waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from typing import Awaitable, Callable
+
+from ..errors import (
+    BrokenByPeer,
+    ClosedByUs,
+    ConnectionClosed,
+    HandshakeError,
+    ProtocolError,
+    ZipTimeout,
+)
+from ..protocol.frames import Frame, FrameDecoder, encode_frame
+from ..protocol.handshake import Handshake
+from ..protocol.limits import DEFAULT_LIMITS, Limits
+
+log = logging.getLogger("zipcomm.transport")
+
+HANDSHAKE_TIMEOUT = 5.0
+RECV_QUEUE_FRAMES = 256  # pause reading beyond this many undelivered frames
+DEFAULT_MAX_OUTBOUND = 2 << 30  # bytes queued for a peer that does not read
+
+
+class Connection:
+    """A frame connection. Create with :func:`open_connection` or :func:`start_server`."""
+
+    def __init__(self, limits: Limits, max_outbound: int) -> None:
+        self._limits = limits
+        self._max_outbound = max_outbound
+        self._transport: asyncio.Transport | None = None
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._frame_ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._paused_reading = False
+        self._error: BaseException | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.peer: str = "?"
+        self.info: dict = {}  # owner's annotations (e.g. the peer's member id)
+
+    # -- sending -------------------------------------------------------------
+
+    def send(self, header: dict, buffers=()) -> None:
+        """Queue one frame for sending without waiting (see :meth:`drain`)."""
+        if self._error is not None:
+            raise self._closed_error()
+        pieces = encode_frame(header, buffers)
+        transport = self._transport
+        assert transport is not None
+        transport.writelines(pieces)
+        if transport.get_write_buffer_size() > self._max_outbound:
+            self.abort(BrokenByPeer(f"peer {self.peer} stopped reading: outbound cap reached"))
+            raise self._closed_error()
+
+    async def drain(self) -> None:
+        """Wait until the socket's send buffer is below its high-water mark."""
+        while not self._drained.is_set():
+            if self._error is not None:
+                raise self._closed_error()
+            waiter = asyncio.ensure_future(self._drained.wait())
+            try:
+                await asyncio.wait([waiter, self.closed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        if self._error is not None:
+            raise self._closed_error()
+
+    # -- receiving -----------------------------------------------------------
+
+    async def recv(self) -> Frame:
+        """The next frame; raises :class:`ConnectionClosed` once the connection ends."""
+        while not self._frames:
+            if self._error is not None:
+                raise self._closed_error()
+            self._frame_ready.clear()
+            await self._frame_ready.wait()
+        frame = self._frames.popleft()
+        if self._paused_reading and len(self._frames) < RECV_QUEUE_FRAMES // 2:
+            self._paused_reading = False
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+        return frame
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    def abort(self, cause: BaseException | None = None) -> None:
+        self._fail(cause or ClosedByUs("connection closed"))
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def aclose(self) -> None:
+        if self._error is None:
+            self._fail(ClosedByUs("connection closed"))
+            if self._transport is not None:
+                self._transport.close()
+        if self._transport is not None:
+            await asyncio.shield(self.closed)
+
+    def _closed_error(self) -> ConnectionClosed:
+        err = self._error
+        if isinstance(err, ConnectionClosed):
+            return type(err)(*err.args)
+        closed = BrokenByPeer(f"connection to {self.peer} broken: {err}")
+        closed.__cause__ = err
+        return closed
+
+    def _fail(self, err: BaseException) -> None:
+        if self._error is None:
+            self._error = err
+            self._frame_ready.set()
+            self._drained.set()
+            if not self.ready.done():
+                self.ready.set_exception(self._closed_error())
+                self.ready.exception()  # mark retrieved: nobody may be waiting
+
+    # called by the protocol
+    def _deliver(self, frames: list[Frame]) -> None:
+        self._frames.extend(frames)
+        self._frame_ready.set()
+        if not self._paused_reading and len(self._frames) >= RECV_QUEUE_FRAMES:
+            self._paused_reading = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    def __init__(self, conn: Connection, is_client: bool, secret: bytes | None) -> None:
+        self._conn = conn
+        self._handshake: Handshake | None = Handshake(is_client=is_client, secret=secret)
+        self._hs_buffer = bytearray(4096)
+        self._decoder = FrameDecoder(conn._limits)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        conn = self._conn
+        conn._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        conn.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=16 << 20)  # type: ignore[attr-defined]
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        assert self._handshake is not None
+        transport.write(self._handshake.initial_bytes())  # type: ignore[attr-defined]
+
+    def _handshake_expired(self) -> None:
+        if self._handshake is not None:
+            self._conn.abort(HandshakeError(f"handshake with {self._conn.peer} not done in {HANDSHAKE_TIMEOUT}s"))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._handshake is not None:
+            return memoryview(self._hs_buffer)
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self._conn
+        try:
+            if self._handshake is not None:
+                hs = self._handshake
+                reply = hs.receive(bytes(self._hs_buffer[:nbytes]))
+                if reply:
+                    conn._transport.write(reply)  # type: ignore[union-attr]
+                if not hs.done:
+                    return
+                self._handshake = None
+                if self._timer is not None:
+                    self._timer.cancel()
+                if not conn.ready.done():
+                    conn.ready.set_result(None)
+                frames = self._decoder.feed(hs.leftover) if hs.leftover else []
+            else:
+                frames = self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", conn.peer, exc)
+            conn.abort(exc)
+            return
+        if frames:
+            conn._deliver(frames)
+
+    def pause_writing(self) -> None:
+        self._conn._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._conn._drained.set()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        conn = self._conn
+        conn._fail(BrokenByPeer(f"connection to {conn.peer} lost" + (f": {exc}" if exc else "")))
+        if not conn.closed.done():
+            conn.closed.set_result(None)
+
+
+def parse_address(address: str) -> tuple[str, object]:
+    """``host:port`` -> ("tcp", (host, port)); ``unix:/path`` -> ("unix", path)."""
+    if address.startswith("unix:"):
+        return "unix", address[5:]
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"bad address {address!r}: expected HOST:PORT or unix:/path")
+    return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+
+
+async def open_connection(
+    address: str,
+    *,
+    secret: bytes | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    max_outbound: int = DEFAULT_MAX_OUTBOUND,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> Connection:
+    """Connect and complete the handshake, or raise a :class:`ConnectionClosed` / timeout."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(limits, max_outbound)
+    kind, where = parse_address(address)
+    factory = lambda: _FrameProtocol(conn, True, secret)  # noqa: E731
+    try:
+        async with asyncio.timeout(timeout):
+            if kind == "unix":
+                await loop.create_unix_connection(factory, where)  # type: ignore[arg-type]
+            else:
+                host, port = where  # type: ignore[misc]
+                await loop.create_connection(factory, host, port)
+            await conn.ready
+    except TimeoutError:
+        conn.abort()
+        raise ZipTimeout(f"connecting to {address} timed out after {timeout}s") from None
+    except OSError as exc:
+        raise BrokenByPeer(f"cannot connect to {address}: {exc}") from exc
+    return conn
+
+
+class Server:
+    """A listening socket whose accepted connections are handed to a callback."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task] = set()
+        self.address = ""
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def start_server(
+    address: str,
+    on_connection: Callable[[Connection], Awaitable[None]],
+    *,
+    secret: bytes | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    max_outbound: int = DEFAULT_MAX_OUTBOUND,
+) -> Server:
+    """Listen on ``address``; each handshaken connection runs ``on_connection(conn)``
+    in its own task, owned by the server and cancelled by :meth:`Server.aclose`."""
+    loop = asyncio.get_running_loop()
+    server = Server()
+
+    def factory() -> _FrameProtocol:
+        conn = Connection(limits, max_outbound)
+        task = loop.create_task(_serve_one(conn, on_connection))
+        server._handlers.add(task)
+        task.add_done_callback(server._handlers.discard)
+        return _FrameProtocol(conn, False, secret)
+
+    kind, where = parse_address(address)
+    if kind == "unix":
+        server._server = await loop.create_unix_server(factory, where)  # type: ignore[arg-type]
+        server.address = address
+    else:
+        host, port = where  # type: ignore[misc]
+        server._server = await loop.create_server(factory, host, port, reuse_address=True)
+        sockname = server._server.sockets[0].getsockname()
+        server.address = f"{sockname[0]}:{sockname[1]}"
+    return server
+
+
+async def _serve_one(conn: Connection, on_connection: Callable[[Connection], Awaitable[None]]) -> None:
+    try:
+        await conn.ready
+    except ConnectionClosed:
+        return
+    try:
+        await on_connection(conn)
+    except ConnectionClosed:
+        pass
+    except Exception:
+        log.exception("connection handler for %s failed", conn.peer)
+    finally:
+        conn.abort()
