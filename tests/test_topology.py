@@ -17,6 +17,13 @@ from hypothesis.stateful import (
 
 from zipcomm.topology import Changes, Rewire, Tree, ideal_depth
 
+# When a @given test fails, Hypothesis's pytest plugin imports libcst to suggest a patch, and
+# libcst trips a mypy_extensions DeprecationWarning that filterwarnings=error turns into an
+# INTERNALERROR hiding the real failure. Ignore exactly that warning, nothing else.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+)
+
 # A join or a remove may take this many inner-loop steps at most, whatever n is.
 WORK_BOUND = 64
 
@@ -52,6 +59,18 @@ def check_changes(tree: Tree, before: dict, changes: Changes) -> None:
     assert moved <= rewired.keys(), f"not told: {moved - rewired.keys()}"
     old_root = next((m for m, n in before.items() if n.parent is None), None)
     assert changes.root_changed == (old_root != tree.root)
+
+
+def complete_depth(n: int, fanout: int) -> int:
+    """Oracle for ideal_depth, written differently: grow a complete tree level by level."""
+    levels = [1]
+    while sum(levels) < n:
+        levels.append(levels[-1] * fanout)
+    return len(levels) - 1
+
+
+def balance_limit(tree: Tree) -> int:
+    return complete_depth(len(tree), tree.fanout) + tree.depth_slack
 
 
 def shallow_leaves(tree: Tree) -> list:
@@ -249,7 +268,7 @@ def test_rebalance_moves_deepest_leaves_up_and_merges_rewires():
     assert tree.rebalance() == Changes([], root_changed=False)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     fanout=st.integers(2, 6),
     slack=st.integers(0, 2),
@@ -271,7 +290,7 @@ def test_rebalance_after_losing_shallow_leaves(fanout, slack, size, just_past_fu
         if not candidates:
             break
         tree.remove(data.draw(st.sampled_from(candidates), label="leaf"))
-    limit = ideal_depth(len(tree), fanout) + slack
+    limit = balance_limit(tree)
     assert tree.needs_rebalance() == (tree.max_depth > limit)
     before, root = shape(tree), tree.root
     changes = tree.rebalance()
@@ -371,7 +390,12 @@ class TreeMachine(RuleBasedStateMachine):
         expected = 1 if len(self.model) == 1 else 2
         assert len(changes.rewires) == expected and changes.removed is None
         if expected == 2:
-            assert {r.member for r in changes.rewires} == {member, self.tree.parent(member)}
+            parent = self.tree.parent(member)
+            assert {r.member for r in changes.rewires} == {member, parent}
+            shallowest_free = min(
+                n.depth for n in before.values() if len(n.children) < self.tree.fanout
+            )
+            assert self.tree.depth(parent) == shallowest_free
         check_changes(self.tree, before, changes)
 
     def _remove(self, data, candidates: list[int]) -> None:
@@ -386,6 +410,28 @@ class TreeMachine(RuleBasedStateMachine):
         if not children and self.model:
             assert len(changes.rewires) == 1, "a leaf's removal tells only its parent"
         check_changes(self.tree, before, changes)
+        if self.model:
+            self._check_hole_filled(before, member)
+
+    def _check_hole_filled(self, before: dict, member: int) -> None:
+        """A leaf just goes; an interior hole is filled in place by a deepest leaf."""
+        tree, hole = self.tree, before[member]
+        parent = hole.parent
+        filler = None
+        if hole.children:
+            if parent is None:
+                filler = tree.root
+            else:
+                filler = tree.children(parent)[before[parent].children.index(member)]
+            assert before[filler].children == ()
+            assert before[filler].depth == max(n.depth for n in before.values())
+            kids = tuple(c for c in hole.children if c != filler)
+            assert neighbourhood(tree, filler) == Rewire(filler, parent, kids, hole.depth)
+        if parent is not None:  # siblings keep their slots
+            slots = [filler if c == member else c for c in before[parent].children]
+            assert tree.children(parent) == tuple(c for c in slots if c is not None)
+        for m in tree:
+            assert m == filler or tree.depth(m) == before[m].depth, f"{m} changed depth"
 
     @rule()
     def join(self) -> None:
@@ -438,8 +484,7 @@ class TreeMachine(RuleBasedStateMachine):
         assert not changes.root_changed and changes.removed is None
         check_changes(self.tree, before, changes)
         assert not self.tree.needs_rebalance()
-        limit = ideal_depth(len(self.tree), self.tree.fanout) + self.tree.depth_slack
-        assert self.tree.max_depth <= limit
+        assert self.tree.max_depth <= balance_limit(self.tree)
 
     # ---- after every step
 
@@ -453,7 +498,7 @@ class TreeMachine(RuleBasedStateMachine):
 
 
 TreeMachine.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=100,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

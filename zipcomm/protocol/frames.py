@@ -79,19 +79,13 @@ def encode_frame(
     total = 0
     if buffers:
         if len(buffers) > limits.max_buffer_count:
-            raise LocalProtocolError(
-                f"{len(buffers)} buffers in one frame exceed the limit of {limits.max_buffer_count}"
-            )
-        descriptors = []
-        for index, buffer in enumerate(buffers):
-            descriptor, view = _describe(buffer, index)
-            descriptors.append(descriptor)
-            total += view.nbytes
-            if view.nbytes:
-                views.append(view)
+            raise LocalProtocolError(f"{len(buffers)} buffers exceed the limit of {limits.max_buffer_count}")
+        described = [_describe(buffer, index) for index, buffer in enumerate(buffers)]
+        total = sum(view.nbytes for _, view in described)
         if total > limits.max_buffers:
             raise LocalProtocolError(f"frame buffers of {total} bytes exceed the limit of {limits.max_buffers} bytes")
-        header = {**header, "bufs": descriptors}
+        views = [view for _, view in described if view.nbytes]
+        header = {**header, "bufs": [descriptor for descriptor, _ in described]}
     try:
         packed = msgpack.packb(header)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -110,11 +104,7 @@ def array_problem(array: np.ndarray) -> str | None:
     dtype = array.dtype
     if dtype.hasobject:
         return f"arrays of dtype {dtype} hold Python objects and cannot be sent (nothing is pickled)"
-    try:
-        received = _parse_dtype(dtype.str)
-    except ValueError:
-        received = None
-    if received != dtype:
+    if _parse_dtype(dtype.str) != dtype:
         return f"arrays of dtype {dtype} cannot be sent (structured, subarray and empty dtypes are not supported)"
     return None
 
@@ -124,12 +114,11 @@ def _describe(buffer: object, index: int) -> tuple[list, memoryview]:
         problem = array_problem(buffer)
         if problem:
             raise UnsupportedPayload(f"buffers[{index}]: {problem}")
-        shape = list(buffer.shape)
-        # ascontiguousarray also drops subclasses (np.matrix would reshape to
-        # 2-D); it copies only arrays that are not already C-contiguous.
-        flat = np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
-        view = memoryview(flat)
-        return ["nd", buffer.dtype.str, shape, view.nbytes], view
+        # ascontiguousarray copies only arrays that are not C-contiguous, and
+        # drops subclasses (np.matrix would reshape to 2-D).  A uint8 view
+        # rather than memoryview.cast() because datetime64 has no buffer format.
+        view = memoryview(np.ascontiguousarray(buffer).reshape(-1).view(np.uint8))
+        return ["nd", buffer.dtype.str, list(buffer.shape), view.nbytes], view
     if isinstance(buffer, (bytes, bytearray, memoryview)):
         view = memoryview(buffer)
         if not view.c_contiguous:
@@ -144,23 +133,22 @@ def _describe(buffer: object, index: int) -> tuple[list, memoryview]:
 
 
 @lru_cache(maxsize=256)
-def _parse_dtype(text: str) -> np.dtype:
+def _parse_dtype(text: str) -> np.dtype | None:
+    """The dtype a receiver builds from ``text``, or None if it refuses it."""
     if len(text) > 24 or not _DTYPE_RE.fullmatch(text):
-        raise ValueError(f"unsupported dtype string {text!r:.40}")
+        return None
     try:
         dtype = np.dtype(text)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"unsupported dtype string {text!r}") from exc
-    if dtype.hasobject or dtype.itemsize == 0:
-        raise ValueError(f"unsupported dtype string {text!r}")
-    return dtype
+    except (TypeError, ValueError):
+        return None
+    return dtype if dtype.itemsize else None
 
 
 # --- decoding ---------------------------------------------------------------
 
 _PREFIX_STATE = "prefix"  # waiting for a prefix in the window
 _HEADER_STATE = "header"  # waiting for a header that fits the window
-_BIG_HEADER_STATE = "big-header"  # receiving a header larger than the window into its own bytearray
+_BIG_HEADER_STATE = "big-header"  # receiving a header larger than the window into its own buffer
 _BODY_STATE = "body"  # filling the current frame's buffers
 
 
@@ -169,16 +157,15 @@ class FrameDecoder:
 
     ``get_buffer()`` says where the next received bytes must be written and
     ``buffer_updated(n)`` returns the frames they completed.  Prefixes and
-    headers are received into a 64 KiB window, so a burst of small frames costs
-    one call; buffer bodies are received straight into the arrays that the
-    frame will hold, so large payloads are never copied.  Body bytes that
-    arrived in the window along with their header are copied out of it, which
-    bounds that copy to one window per frame.
+    headers land in a 64 KiB window, so a burst of small frames costs one call;
+    buffer bodies land straight in the arrays the frame will hold, so large
+    payloads are never copied.  Only body bytes that arrived in the window with
+    their header are copied out of it: at most one window per frame.
 
     Every limit is checked before anything is allocated.  After an error the
-    decoder is poisoned: every later call raises the same error, because the
-    stream position is lost.  Frames completed earlier in the call that raised
-    are dropped with it; the connection is being closed anyway.
+    decoder is poisoned (the stream position is lost): every later call raises
+    the same error.  Frames completed earlier in the failing call are dropped;
+    the connection is being closed anyway.
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -189,11 +176,13 @@ class FrameDecoder:
         self._state = _PREFIX_STATE
         self._header_len = 0
         self._buffers_len = 0
-        self._big_header: memoryview | None = None
         self._frame: Frame | None = None
         self._views: list[memoryview] = []  # flat byte views of the frame's non-empty buffers
         self._view_index = 0
-        self._filled = 0  # bytes received into the current direct target
+        # While set, bytes are received straight into it rather than into the
+        # window: a header larger than the window, or the current buffer body.
+        self._target: memoryview | None = None
+        self._filled = 0  # bytes already in the big header or the current buffer
         self._error: BaseException | None = None
 
     @property
@@ -203,10 +192,8 @@ class FrameDecoder:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         self._raise_if_poisoned()
-        if self._state is _BODY_STATE:
-            return self._views[self._view_index][self._filled :]
-        if self._state is _BIG_HEADER_STATE:
-            return self._big_header[self._filled :]
+        if self._target is not None:
+            return self._target[self._filled :]
         if self._start == self._end:
             self._start = self._end = 0
         elif self._start and WINDOW_SIZE - self._end < _COMPACT_BELOW:
@@ -218,14 +205,18 @@ class FrameDecoder:
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         self._raise_if_poisoned()
-        if not 0 <= nbytes <= self._room():
-            raise ValueError(f"buffer_updated({nbytes}) does not match the buffer handed out by get_buffer()")
+        target = self._target
+        room = WINDOW_SIZE - self._end if target is None else len(target) - self._filled
+        if not 0 <= nbytes <= room:
+            raise ValueError(f"buffer_updated({nbytes}) overflows the {room} bytes handed out by get_buffer()")
         try:
-            if self._state is _BODY_STATE:
-                return self._body_received(nbytes)
-            if self._state is _BIG_HEADER_STATE:
-                return self._big_header_received(nbytes)
-            self._end += nbytes
+            if target is None:
+                self._end += nbytes
+            else:
+                self._filled += nbytes
+                if self._filled < len(target):
+                    return []
+                self._target_full()
             return self._parse_window()
         except BaseException as exc:
             self._error = exc
@@ -251,38 +242,23 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error.with_traceback(None)
 
-    def _room(self) -> int:
-        if self._state is _BODY_STATE:
-            return len(self._views[self._view_index]) - self._filled
-        if self._state is _BIG_HEADER_STATE:
-            return len(self._big_header) - self._filled
-        return WINDOW_SIZE - self._end
-
     def _parse_window(self) -> list[Frame]:
         frames = []
-        while True:
+        while self._target is None:
             available = self._end - self._start
             if self._state is _PREFIX_STATE:
                 if available < PREFIX_SIZE:
                     break
                 self._parse_prefix()
-                self._start += PREFIX_SIZE
-                if self._header_len > WINDOW_SIZE:
-                    self._start_big_header()
-                    break
-                self._state = _HEADER_STATE
             elif self._state is _HEADER_STATE:
                 if available < self._header_len:
                     break
-                header_end = self._start + self._header_len
-                frame = self._begin_frame(self._window[self._start : header_end])
-                self._start = header_end
-                if frame is not None:
-                    frames.append(frame)
-            elif self._state is _BODY_STATE:
-                if not self._copy_window_into_body():
-                    break  # the window is drained; the rest arrives directly
+                self._start += self._header_len
+                self._begin_frame(self._window[self._start - self._header_len : self._start])
+            elif self._copy_window_into_body():
                 frames.append(self._finish_frame())
+            else:  # the window is drained; the rest of the body arrives directly
+                self._target = self._views[self._view_index]
         if self._start == self._end:
             self._start = self._end = 0
         return frames
@@ -299,44 +275,38 @@ class FrameDecoder:
             raise FrameTooLarge("frame header", header_len, self._limits.max_header)
         if buffers_len > self._limits.max_buffers:
             raise FrameTooLarge("frame buffers", buffers_len, self._limits.max_buffers)
+        self._start += PREFIX_SIZE
         self._header_len = header_len
         self._buffers_len = buffers_len
+        self._state = _HEADER_STATE
+        if header_len > WINDOW_SIZE:
+            # Cannot fit the window, so the window holds only part of it: move
+            # that part to a buffer of its own and receive the rest there.
+            self._state = _BIG_HEADER_STATE
+            self._target = memoryview(bytearray(header_len))
+            self._filled = self._end - self._start
+            self._target[: self._filled] = self._window[self._start : self._end]
+            self._start = self._end
 
-    def _start_big_header(self) -> None:
-        self._big_header = memoryview(bytearray(self._header_len))
-        taken = min(self._end - self._start, self._header_len)
-        self._big_header[:taken] = self._window[self._start : self._start + taken]
-        self._start += taken
-        self._filled = taken
-        self._state = _BIG_HEADER_STATE
-        # The window holds less than a big header, so it is now drained.
+    def _target_full(self) -> None:
+        target, self._target = self._target, None
+        self._filled = 0
+        if self._state is _BIG_HEADER_STATE:
+            self._begin_frame(target)
+        else:
+            self._view_index += 1
 
-    def _big_header_received(self, nbytes: int) -> list[Frame]:
-        self._filled += nbytes
-        if self._filled < len(self._big_header):
-            return []
-        header, self._big_header = self._big_header, None
-        frame = self._begin_frame(header)
-        return [] if frame is None else [frame]
-
-    def _begin_frame(self, header_bytes: memoryview) -> Frame | None:
-        """Parse a header and allocate its buffers; return the frame if it is already complete."""
+    def _begin_frame(self, header_bytes: memoryview) -> None:
         header, descriptors = self._parse_header(header_bytes)
-        buffers, views = _allocate(descriptors)
+        buffers, self._views = _allocate(descriptors)
         self._frame = Frame(header, buffers)
-        self._views = views
         self._view_index = 0
         self._filled = 0
         self._state = _BODY_STATE
-        if not views:
-            return self._finish_frame()
-        return None
 
     def _parse_header(self, data: memoryview) -> tuple[dict, list]:
         try:
-            header = msgpack.unpackb(
-                data, raw=False, strict_map_key=False, **self._limits.unpacker_caps(len(data))
-            )
+            header = msgpack.unpackb(data, raw=False, strict_map_key=False, **self._limits.unpacker_caps(len(data)))
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise RemoteProtocolError(f"frame header is not valid msgpack: {exc!r:.200}") from exc
         if type(header) is not dict:
@@ -364,16 +334,6 @@ class FrameDecoder:
             self._filled = 0
         return True
 
-    def _body_received(self, nbytes: int) -> list[Frame]:
-        self._filled += nbytes
-        if self._filled < len(self._views[self._view_index]):
-            return []
-        self._view_index += 1
-        self._filled = 0
-        if self._view_index < len(self._views):
-            return []
-        return [self._finish_frame()]
-
     def _finish_frame(self) -> Frame:
         frame, self._frame = self._frame, None
         self._views = []
@@ -386,34 +346,23 @@ def _check_descriptors(descriptors: object, buffers_len: int, limits: Limits) ->
     if type(descriptors) is not list:
         raise RemoteProtocolError(f"'bufs' must be a list, got {type(descriptors).__name__}")
     if len(descriptors) > limits.max_buffer_count:
-        raise RemoteProtocolError(
-            f"frame declares {len(descriptors)} buffers, over the limit of {limits.max_buffer_count}"
-        )
+        raise RemoteProtocolError(f"{len(descriptors)} buffers exceed the limit of {limits.max_buffer_count}")
     total = 0
     for index, descriptor in enumerate(descriptors):
         total += _descriptor_nbytes(descriptor, index, limits)
         if total > buffers_len:
             break
     if total != buffers_len:
-        raise RemoteProtocolError(
-            f"buffer descriptors add up to {total} bytes but the prefix announces {buffers_len}"
-        )
+        raise RemoteProtocolError(f"buffer descriptors add up to {total} bytes but the prefix announces {buffers_len}")
 
 
 def _descriptor_nbytes(descriptor: object, index: int, limits: Limits) -> int:
     if type(descriptor) is list and len(descriptor) == 4 and descriptor[0] == "nd":
         _, dtype_text, shape, nbytes = descriptor
-        if type(dtype_text) is not str:
-            raise RemoteProtocolError(f"bufs[{index}]: dtype must be a str, got {dtype_text!r:.60}")
-        try:
-            dtype = _parse_dtype(dtype_text)
-        except ValueError as exc:
-            raise RemoteProtocolError(f"bufs[{index}]: {exc}") from None
-        if (
-            type(shape) is not list
-            or len(shape) > _MAX_NDIM
-            or not all(type(n) is int and n >= 0 for n in shape)
-        ):
+        dtype = _parse_dtype(dtype_text) if type(dtype_text) is str else None
+        if dtype is None:
+            raise RemoteProtocolError(f"bufs[{index}]: unsupported dtype {dtype_text!r:.60}")
+        if type(shape) is not list or len(shape) > _MAX_NDIM or not all(type(n) is int and n >= 0 for n in shape):
             raise RemoteProtocolError(f"bufs[{index}]: bad shape {shape!r:.200}")
         # numpy refuses shapes whose non-zero extents overflow, even when a
         # zero extent makes the array empty, so they are bounded too.
@@ -439,13 +388,11 @@ def _allocate(descriptors: list) -> tuple[list[np.ndarray | bytearray], list[mem
     views: list[memoryview] = []
     for descriptor in descriptors:
         if descriptor[0] == "nd":
-            array = np.empty(descriptor[2], dtype=descriptor[1])
-            buffers.append(array)
-            view = memoryview(array.reshape(-1).view(np.uint8))
+            buffers.append(np.empty(descriptor[2], dtype=descriptor[1]))
+            view = memoryview(buffers[-1].reshape(-1).view(np.uint8))
         else:
-            data = bytearray(descriptor[1])
-            buffers.append(data)
-            view = memoryview(data)
+            buffers.append(bytearray(descriptor[1]))
+            view = memoryview(buffers[-1])
         if view.nbytes:
             views.append(view)
     return buffers, views
