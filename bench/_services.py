@@ -137,7 +137,8 @@ class Controller:
 
     def start(self, deadline: float = 20.0) -> None:
         tag = uuid.uuid4().hex[:8]
-        ready, log = self.workdir / f"controller-{tag}.ready", self.workdir / f"controller-{tag}.log"
+        ready = self.workdir / f"controller-{tag}.ready"
+        log = self.workdir / f"controller-{tag}.log"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "zipcomm.controller", "--listen", "127.0.0.1:0",

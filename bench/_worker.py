@@ -104,7 +104,8 @@ class ZipcommBackend:
             self.ch = await self.rt.broadcast_channel(f"{name}-broadcast")
         elif op == "reduce":
             handler = self._on_reduce if self.rank == 0 else None
-            self.ch = await self.rt.reduce_channel(f"{name}-reduce", reduce_f=zc.SUM, handler=handler)
+            self.ch = await self.rt.reduce_channel(f"{name}-reduce", reduce_f=zc.SUM,
+                                                   handler=handler)
         elif op == "allreduce":
             self.ch = await self.rt.reduce_channel(f"{name}-allreduce", reduce_f=zc.SUM)
         else:
@@ -136,7 +137,8 @@ class ZipcommBackend:
     async def reduce(self, x: np.ndarray) -> Any:
         result = await self.ch.reduce(x)
         if self.rank == 0 and self.num_lambdas != self.n:
-            raise WrongResult(f"reduce handler saw num_lambdas={self.num_lambdas}, expected {self.n}")
+            raise WrongResult(f"reduce handler saw num_lambdas={self.num_lambdas}, "
+                              f"expected {self.n}")
         return result
 
     async def allreduce(self, x: np.ndarray) -> Any:

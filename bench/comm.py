@@ -16,10 +16,8 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._report import machine_info, ratio, summarize, table  # noqa: E402
 from bench._services import (ROOT, Controller, RedisServer, ServiceError,  # noqa: E402
                              child_env, zipcomm_import_error)
 
@@ -196,58 +195,6 @@ async def run_workers(cfgs: list[dict], timeout: float) -> tuple[list[tuple], li
             LIVE_PIDS.discard(proc.pid)
 
 
-def records(stdout: bytes) -> list[dict]:
-    out = []
-    for line in stdout.decode(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "type" in rec:
-            out.append(rec)
-    return out
-
-
-def summarize(cell: dict, outputs: list[tuple], failed: list[int], failure: str) -> None:
-    """Fill the cell's rounds, durations and median, or its error."""
-    recs = [records(out) for _rc, out, _err in outputs]
-    unavailable = [r for rs in recs for r in rs if r["type"] == "unavailable"]
-    errors = {r["rank"]: r for rs in recs for r in rs if r["type"] == "error"}
-    if unavailable:
-        cell["error"] = f"backend unavailable: {unavailable[0]['error']}"
-        return
-    if errors:
-        rank = next((r for r in failed if r in errors), min(errors))
-        cell["error"] = f"rank {rank} in {errors[rank]['phase']}: {errors[rank]['error']}"
-        return
-    if failure:
-        rank = failed[0] if failed else 0
-        tail = " | ".join(outputs[rank][2].decode(errors="replace").strip().splitlines()[-3:])
-        cell["error"] = failure + (f": {tail}" if tail else "")
-        return
-    n, op, rounds = cell["n"], cell["op"], []
-    for k in range(cell["reps"]):
-        by_rank = {r["rank"]: r for rs in recs for r in rs if r["type"] == "round" and r["round"] == k}
-        if sorted(by_rank) != list(range(n)):
-            cell["error"] = f"round {k}: no timing from ranks {sorted(set(range(n)) - set(by_rank))}"
-            return
-        starts = [by_rank[r]["start"] for r in range(n)]
-        ends = [by_rank[r]["end"] for r in range(n)]
-        start = starts[0] if op == "broadcast" else min(starts)
-        rnd = {"round": k, "start": starts, "end": ends, "duration_ms": (max(ends) - start) * 1e3}
-        if op == "shuffle":
-            rnd["classes"] = [by_rank[r]["cls"] for r in range(n)]
-            if sorted(rnd["classes"]) != list(range(n)):
-                cell["error"] = f"round {k}: wrong result: ranks received hash classes " \
-                                f"{rnd['classes']}, expected each of 0..{n - 1} once"
-                return
-        rounds.append(rnd)
-    durations = [r["duration_ms"] for r in rounds]
-    cell.update(status="ok", rounds=rounds, durations_ms=durations,
-                median_ms=statistics.median(durations), min_ms=min(durations),
-                max_ms=max(durations))
-
-
 def run_cell(cell: dict, args: argparse.Namespace, ctx: dict) -> None:
     backend = cell["backend"]
     if ctx["unavailable"].get(backend):
@@ -271,6 +218,7 @@ def run_cell(cell: dict, args: argparse.Namespace, ctx: dict) -> None:
             cfg["controller"] = controller.address
         else:
             cfg["redis_url"] = ctx["redis"].url
+        cell["loadavg_before"] = list(os.getloadavg())  # other load on the host skews timings
         began = time.perf_counter()
         outputs, failed, failure = asyncio.run(
             run_workers([dict(cfg, rank=r) for r in range(cell["n"])], args.timeout + GRACE))
@@ -286,72 +234,6 @@ def run_cell(cell: dict, args: argparse.Namespace, ctx: dict) -> None:
                 cell["redis_keys_left"] = None
                 cell["error"] = cell["error"] or f"redis-server unreachable after the cell: {exc}"
                 cell["status"] = "failed"
-
-
-def fmt_ms(cell: dict | None) -> str:
-    if cell is None:
-        return "-"
-    return "FAIL" if cell["status"] != "ok" else f"{cell['median_ms']:.3f}"
-
-
-def ratio(cells: dict, key: tuple) -> float | None:
-    zc, rd = cells.get(key + ("zipcomm",)), cells.get(key + ("redis",))
-    if zc and rd and zc["status"] == rd["status"] == "ok" and rd["median_ms"] > 0:
-        return zc["median_ms"] / rd["median_ms"]
-    return None
-
-
-def table(cells: list[dict], backends: list[str]) -> str:
-    index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in cells}
-    keys = list(dict.fromkeys((c["op"], c["size"], c["n"]) for c in cells))
-    head = ["op", "size", "n"] + [f"{b} ms" for b in backends] + ["zipcomm/redis"]
-    rows = [head]
-    for key in keys:
-        r = ratio(index, key)
-        rows.append([key[0], key[1], str(key[2])] + [fmt_ms(index.get(key + (b,))) for b in backends]
-                    + ["n/a" if r is None else f"{r:.3f}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in
-                       enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    failures: dict[tuple, list[dict]] = {}
-    for c in cells:
-        if c["status"] != "ok":
-            failures.setdefault((c["backend"], c["error"]), []).append(c)
-    for (backend, error), group in failures.items():
-        where = ", ".join(f"{c['op']} {c['size']} n={c['n']}" for c in group[:4])
-        more = f" (+{len(group) - 4} more)" if len(group) > 4 else ""
-        lines.append(f"FAILED {backend} [{where}{more}]: {error}")
-    return "\n".join(lines)
-
-
-def machine_info(args: argparse.Namespace, redis: RedisServer | None) -> dict:
-    import msgpack
-    import numpy
-    info = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "python": sys.version, "implementation": platform.python_implementation(),
-            "platform": platform.platform(), "machine": platform.machine(), "loop": args.loop,
-            "numpy": numpy.__version__, "msgpack": ".".join(map(str, msgpack.version))}
-    try:
-        import redis as redis_py
-        info["redis_py"] = redis_py.__version__
-    except ImportError:
-        pass
-    for path, field, key in (("/proc/cpuinfo", "model name", "cpu_model"),
-                             ("/proc/meminfo", "MemTotal", "mem_total")):
-        try:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith(field):
-                    info[key] = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    if redis is not None:
-        try:
-            info["redis_server"] = redis.version()
-        except (OSError, subprocess.SubprocessError) as exc:
-            info["redis_server"] = f"unknown ({exc})"
-    return info
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -376,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 except ServiceError as exc:
                     ctx["unavailable"]["redis"] = str(exc)
             for i, cell in enumerate(cells, 1):
+                cell["error"] = "interrupted"  # until run_cell says otherwise
                 run_cell(cell, args, ctx)
                 result = (f"median {cell['median_ms']:.3f} ms over {cell['reps']} reps"
                           if cell["status"] == "ok" else f"FAILED: {cell['error']}")
@@ -389,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            machine = machine_info(args, redis)
+            machine = machine_info(args.loop, redis)
             if ctx.get("redis") is not None:
                 try:
                     machine["redis_memory_at_end"] = redis.memory_info()
@@ -402,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     ratios = []
     index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in done}
     for key in dict.fromkeys((c["op"], c["size"], c["n"]) for c in done):
-        ratios.append({"op": key[0], "size": key[1], "n": key[2], "zipcomm/redis": ratio(index, key)})
-    report = {"schema": 1, "started": started, "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
+        ratios.append({"op": key[0], "size": key[1], "n": key[2],
+                       "zipcomm/redis": ratio(index, key)})
+    finished = dt.datetime.now(dt.timezone.utc).isoformat()
+    report = {"schema": 1, "started": started, "finished": finished,
               "argv": sys.argv, "interrupted": interrupted,
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "machine": machine, "cells": done, "ratios": ratios}

@@ -79,7 +79,8 @@ def decode(buf: bytes) -> Any:
 
 
 def partition(arr: np.ndarray, n: int,
-              hash_function: Callable[[np.ndarray, int], np.ndarray] | None = None) -> list[np.ndarray]:
+              hash_function: Callable[[np.ndarray, int], np.ndarray] | None = None
+              ) -> list[np.ndarray]:
     """Split a 1-D array into ``n`` parts by bucket (default ``arr % n``), keeping item order.
 
     Vectorized counting partition: the bucket array is narrowed to 8 or 16 bits so that numpy's
@@ -275,5 +276,6 @@ class RedisComm:
                 del pending[src]
             return not pending
 
-        await self._poll(attempt, lambda: f"shuffle {base} (waiting for {sorted(pending)})", timeout)
+        await self._poll(attempt, lambda: f"shuffle {base} (waiting for ranks {sorted(pending)})",
+                         timeout)
         return np.concatenate([got[src] for src in range(n)])

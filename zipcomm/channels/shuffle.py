@@ -11,6 +11,7 @@ or has been reported gone — so a dead sender is either fully in or fully out.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -18,6 +19,8 @@ import numpy as np
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..protocol import messages as m
 from .core import ChannelCore
+
+log = logging.getLogger("zipcomm.shuffle")
 
 SENDER, RECEIVER, BOTH = "sender", "receiver", "both"
 ROLES = (SENDER, RECEIVER, BOTH)
@@ -118,6 +121,7 @@ class ShuffleChannel(ChannelCore):
                     if self._requested < want:
                         self._requested = want
                         await self._ask_for_list(want)
+                        continue  # the list may have come while we asked: look again first
                     await self.wait_changed()
         except TimeoutError:
             raise CollectiveTimeout("no member list for the shuffle round", channel=self.name,
@@ -150,8 +154,11 @@ class ShuffleChannel(ChannelCore):
             r = self._list_round + 1
             self._list_round = r  # no second fetch for the same round
             self.publish("s", {"round": r, "members": info["members"]}, None)
+            if self._root_wanted > r:  # asked for while we were fetching
+                self._root_wants_list(self._root_wanted)
 
     def _send_parts(self, r: int, members: list, data: Any, hash_function: Callable) -> None:
+        log.debug("%x sends round %d", self.me, r)
         receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
         parts = partition(data, hash_function, len(receivers)) if receivers else []
         for (member, address, _host, _role), part in zip(receivers, parts):
@@ -195,11 +202,13 @@ class ShuffleChannel(ChannelCore):
     async def on_item(self, item: m.Item) -> None:
         if item.kind == "s":
             r = item.meta["round"]
+            log.debug("%x list %d: %s (next %d)", self.me, r, [f"{x[0]:x}" for x in item.meta["members"]], self.next_round)
             self._list_round = max(self._list_round, r)
             members = item.meta["members"]
             if r >= self.next_round and any(mm[0] == self.me for mm in members):
                 self.lists[r] = members
         elif item.kind == "g":
+            log.debug("%x gone %x", self.me, item.meta["member"])
             self.gone.add(item.meta["member"])
         self._pulse()
 

@@ -72,13 +72,25 @@ class MemberProcess:
         self._reader: asyncio.Task | None = None
 
     async def start(self, controller: str) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "zipcomm.testing.member", controller,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )
+        log_fd = self._stderr()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "zipcomm.testing.member", controller,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_fd,
+            )
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)
         hello = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), DEADLINE))  # type: ignore[union-attr]
         self.member_id = hello["result"]["member"]
         self._reader = asyncio.create_task(self._read())
+
+    def _stderr(self):
+        logdir = os.environ.get("ZIPCOMM_TEST_LOGDIR")  # keep each member's log for post-mortems
+        if not logdir:
+            return None
+        return os.open(os.path.join(logdir, f"member-{self.index}-{os.getpid()}.log"),
+                       os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sys
 from typing import Any
 
@@ -123,6 +125,8 @@ class Member:
 
 
 def main() -> None:
+    if os.environ.get("ZIPCOMM_TEST_LOGDIR"):
+        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)d %(name)s %(message)s")
     asyncio.run(Member(sys.argv[1]).run())
 
 

@@ -1,0 +1,132 @@
+"""Turning worker output into cells, the printed table, and the machine info (bench/comm.py)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def records(stdout: bytes) -> list[dict]:
+    out = []
+    for line in stdout.decode(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "type" in rec:
+            out.append(rec)
+    return out
+
+
+def summarize(cell: dict, outputs: list[tuple], failed: list[int], failure: str) -> None:
+    """Fill the cell's rounds, durations and median, or its error."""
+    recs = [records(out) for _rc, out, _err in outputs]
+    unavailable = [r for rs in recs for r in rs if r["type"] == "unavailable"]
+    errors = {r["rank"]: r for rs in recs for r in rs if r["type"] == "error"}
+    if unavailable:
+        cell["error"] = f"backend unavailable: {unavailable[0]['error']}"
+        return
+    if errors:
+        rank = next((r for r in failed if r in errors), min(errors))
+        cell["error"] = f"rank {rank} in {errors[rank]['phase']}: {errors[rank]['error']}"
+        return
+    if failure:
+        rank = failed[0] if failed else 0
+        tail = " | ".join(outputs[rank][2].decode(errors="replace").strip().splitlines()[-3:])
+        cell["error"] = failure + (f": {tail}" if tail else "")
+        return
+    n, op, rounds = cell["n"], cell["op"], []
+    for k in range(cell["reps"]):
+        by_rank = {r["rank"]: r for rs in recs for r in rs
+                   if r["type"] == "round" and r["round"] == k}
+        if sorted(by_rank) != list(range(n)):
+            missing = sorted(set(range(n)) - set(by_rank))
+            cell["error"] = f"round {k}: no timing from ranks {missing}"
+            return
+        starts = [by_rank[r]["start"] for r in range(n)]
+        ends = [by_rank[r]["end"] for r in range(n)]
+        start = starts[0] if op == "broadcast" else min(starts)
+        rnd = {"round": k, "start": starts, "end": ends, "duration_ms": (max(ends) - start) * 1e3}
+        if op == "shuffle":
+            rnd["classes"] = [by_rank[r]["cls"] for r in range(n)]
+            if sorted(rnd["classes"]) != list(range(n)):
+                cell["error"] = f"round {k}: wrong result: ranks received hash classes " \
+                                f"{rnd['classes']}, expected each of 0..{n - 1} once"
+                return
+        rounds.append(rnd)
+    durations = [r["duration_ms"] for r in rounds]
+    cell.update(status="ok", error=None, rounds=rounds, durations_ms=durations,
+                median_ms=statistics.median(durations), min_ms=min(durations),
+                max_ms=max(durations))
+
+
+def fmt_ms(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    return "FAIL" if cell["status"] != "ok" else f"{cell['median_ms']:.3f}"
+
+
+def ratio(cells: dict, key: tuple) -> float | None:
+    zc, rd = cells.get(key + ("zipcomm",)), cells.get(key + ("redis",))
+    if zc and rd and zc["status"] == rd["status"] == "ok" and rd["median_ms"] > 0:
+        return zc["median_ms"] / rd["median_ms"]
+    return None
+
+
+def table(cells: list[dict], backends: list[str]) -> str:
+    index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in cells}
+    keys = list(dict.fromkeys((c["op"], c["size"], c["n"]) for c in cells))
+    head = ["op", "size", "n"] + [f"{b} ms" for b in backends] + ["zipcomm/redis"]
+    rows = [head]
+    for key in keys:
+        r = ratio(index, key)
+        rows.append([key[0], key[1], str(key[2])]
+                    + [fmt_ms(index.get(key + (b,))) for b in backends]
+                    + ["n/a" if r is None else f"{r:.3f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in
+                       enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    failures: dict[tuple, list[dict]] = {}
+    for c in cells:
+        if c["status"] != "ok":
+            failures.setdefault((c["backend"], c["error"]), []).append(c)
+    for (backend, error), group in failures.items():
+        where = ", ".join(f"{c['op']} {c['size']} n={c['n']}" for c in group[:4])
+        more = f" (+{len(group) - 4} more)" if len(group) > 4 else ""
+        lines.append(f"FAILED {backend} [{where}{more}]: {error}")
+    return "\n".join(lines)
+
+
+def machine_info(loop: str, redis: Any) -> dict:
+    import msgpack
+    import numpy
+    info = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "python": sys.version, "implementation": platform.python_implementation(),
+            "platform": platform.platform(), "machine": platform.machine(), "loop": loop,
+            "numpy": numpy.__version__, "msgpack": ".".join(map(str, msgpack.version))}
+    try:
+        import redis as redis_py
+        info["redis_py"] = redis_py.__version__
+    except ImportError:
+        pass
+    for path, field, key in (("/proc/cpuinfo", "model name", "cpu_model"),
+                             ("/proc/meminfo", "MemTotal", "mem_total")):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(field):
+                    info[key] = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    if redis is not None:
+        try:
+            info["redis_server"] = redis.version()
+        except (OSError, subprocess.SubprocessError) as exc:
+            info["redis_server"] = f"unknown ({exc})"
+    return info
