@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 except ProcessLookupError:
                     pass
             machine = machine_info(args.loop, redis)
+            machine["loadavg_at_end"] = list(os.getloadavg())
             if ctx.get("redis") is not None:
                 try:
                     machine["redis_memory_at_end"] = redis.memory_info()
@@ -294,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine, "cells": done, "ratios": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"\nhost load average at the end: {machine['loadavg_at_end']} on "
+          f"{machine['cpus_usable']} CPUs (other load on the host inflates the timings)")
+    print(f"wrote {args.out}")
     if interrupted:
         return 130
     bad = [c for c in done if c["status"] != "ok" and not (

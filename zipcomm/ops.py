@@ -60,6 +60,25 @@ def resolve_reduce(reduce_f: Any) -> Callable[[list], Any]:
     return reduce_f
 
 
+_BY_NAME: dict[str, Callable[[list], Any]] = {
+    "sum": sum, "min": min, "max": max,
+    "zipcomm.SUM": SUM, "zipcomm.MIN": MIN, "zipcomm.MAX": MAX, "zipcomm.PROD": PROD,
+}
+
+
+def reduce_name(reduce_f: Any) -> str:
+    """The wire name of a well-known reduce function ("" for any other callable), so
+    that a member without a reduce_f (a handler-only receiver) can still combine."""
+    for name, f in _BY_NAME.items():
+        if f is reduce_f:
+            return name
+    return ""
+
+
+def reduce_by_name(name: str) -> Callable[[list], Any] | None:
+    return _BY_NAME.get(name)
+
+
 def freeze(obj: Any) -> Any:
     """Make received arrays read-only: they may still be on their way to other members."""
     if isinstance(obj, np.ndarray):

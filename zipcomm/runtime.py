@@ -326,6 +326,8 @@ class Runtime:
             link.send(header, buffers)
         except ConnectionClosed as exc:
             log.info("dropping %s to %x: %s", msg.OP, member, exc)
+        except RuntimeError as exc:  # a transport torn down under us: same as a broken peer
+            log.info("dropping %s to %x: %s", msg.OP, member, exc)
 
     async def drain_to(self, member: int) -> None:
         link = self._peers.get(member)

@@ -43,12 +43,14 @@ class _Background:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the call itself timed out (e.g. CollectiveTimeout): its own error
             future.cancel()
             raise ZipTimeout(f"blocking call did not finish within {timeout}s") from None
 
     def close(self) -> None:
         try:
-            self.call(self.runtime.aclose(), timeout=10)
+            self.call(self.runtime.aclose(), timeout=30)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
@@ -96,7 +98,7 @@ class _Handle:
 
     def close(self) -> None:
         """Leave the channel."""
-        self._bg.call(self._core.aclose(), timeout=10)
+        self._bg.call(self._core.aclose(), timeout=30)
 
     def __enter__(self):
         return self

@@ -35,6 +35,7 @@ HISTORY_ITEMS = 256
 HISTORY_BYTES = 512 << 20
 PENDING_ITEMS = 4096
 ROOT_SUBMIT_QUEUE = 4096
+EARLY_LINKS = 4096
 
 Key = tuple[int, int]
 
@@ -155,7 +156,6 @@ class ChannelCore:
                 early = self.early_links.pop(cid, None)
                 if early is not None:
                     self._accept_link(early)
-        self.early_links.clear()
         # parent / root
         if new_parent_id is None:
             if not self.is_root:
@@ -221,8 +221,9 @@ class ChannelCore:
             case m.Link():
                 if sender in self.children:
                     self._accept_link(msg)
-                else:
-                    self.early_links[sender] = msg  # its rewire reached it before ours reached us
+                elif len(self.early_links) < EARLY_LINKS:
+                    # Its rewire reached it before ours reached us: accept when ours lands.
+                    self.early_links[sender] = msg
             case m.LinkAck():
                 self._on_link_ack(sender, msg)
             case m.Item():

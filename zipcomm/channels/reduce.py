@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import ChannelClosed, CollectiveTimeout
-from ..ops import FastOp, freeze, resolve_reduce
+from ..ops import FastOp, freeze, reduce_by_name, reduce_name, resolve_reduce
 from ..protocol import messages as m
 from .core import ChannelCore
 
@@ -47,6 +47,7 @@ class ReduceChannel(ChannelCore):
         super().__init__(runtime, name, "member")
         self.reduce_f = resolve_reduce(reduce_f) if reduce_f is not None else None
         self.handler = handler
+        self.fn_name = reduce_name(self.reduce_f)
         self.next_round = 0
         self._sent_up_to = -1
         self.done_up_to = -1
@@ -106,6 +107,19 @@ class ReduceChannel(ChannelCore):
                                     round=r, missing=self._missing(r)) from None
         finally:
             self._waiters.pop(r, None)
+
+    async def aclose(self, graceful: bool = True, *, timeout: float = 10.0) -> None:
+        """Leave the channel. A graceful leave first waits (up to ``timeout``) until
+        every round this member took part in is complete: its subtree's pieces may
+        still need it as their way up."""
+        if graceful and not self.closed:
+            try:
+                async with asyncio.timeout(timeout):
+                    while self.done_up_to < self.next_round - 1:
+                        await self.wait_changed()
+            except (TimeoutError, ChannelClosed):
+                log.warning("channel %s: leaving with rounds up to %d unfinished", self.name, self.next_round - 1)
+        await super().aclose(graceful)
 
     def _missing(self, r: int) -> list:
         rnd = self.rounds.get(r)
@@ -187,11 +201,15 @@ class ReduceChannel(ChannelCore):
             return None
         if len(values) == 1:
             return values[0]
-        if self.reduce_f is None:
-            raise ChannelClosed(f"channel {self.name!r}: this member has no reduce_f but must combine values")
-        if isinstance(self.reduce_f, FastOp):
-            return self.reduce_f.combine(values, reuse_first=not own_first)
-        return self.reduce_f(values)
+        reduce_f = self.reduce_f or reduce_by_name(self.fn_name)
+        if reduce_f is None:
+            raise ChannelClosed(
+                f"channel {self.name!r}: this member must combine values but has no reduce_f, and the "
+                "other members' reduce_f is not a built-in (sum, min, max, zipcomm.SUM/MIN/MAX/PROD)"
+            )
+        if isinstance(reduce_f, FastOp):
+            return reduce_f.combine(values, reuse_first=not own_first)
+        return reduce_f(values)
 
     def _send_first(self, r: int, rnd: _Round) -> None:
         values, contributors, wants = [], [], list(rnd.wants)
@@ -207,7 +225,8 @@ class ReduceChannel(ChannelCore):
             allreduce = allreduce or piece.allreduce
         own_first = bool(values) and rnd.own is not _NOTHING
         piece = m.Piece(channel=self.name, round=r, contributors=sorted(contributors), wants=wants,
-                        late=False, allreduce=allreduce, data=self._combine(values, own_first))
+                        late=False, allreduce=allreduce, fn=self.fn_name,
+                        data=self._combine(values, own_first))
         self.retained.setdefault(r, []).append(piece)
         rnd.sent = True
         rnd.first.clear()
@@ -270,6 +289,8 @@ class ReduceChannel(ChannelCore):
 
     def _on_piece(self, sender: int, piece: m.Piece) -> None:
         r = piece.round
+        if not self.fn_name and piece.fn:
+            self.fn_name = piece.fn
         if r <= self.done_up_to:
             return  # the round is complete: this is a copy of something already counted
         if piece.late or r <= self._sent_up_to or sender not in self.children:

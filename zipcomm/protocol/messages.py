@@ -279,6 +279,7 @@ class Piece(Message):
     wants: list = _list(list)
     late: bool = _bool(False)
     allreduce: bool = _bool(False)
+    fn: str = _str("")
     data: Any = None
 
 

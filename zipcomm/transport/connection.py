@@ -58,9 +58,12 @@ class Connection:
         """Queue one frame for sending without waiting (see :meth:`drain`)."""
         if self._error is not None:
             raise self._closed_error()
-        pieces = encode_frame(header, buffers)
+        pieces = encode_frame(header, buffers, self._limits)
         transport = self._transport
         assert transport is not None
+        if transport.is_closing():
+            self._fail(BrokenByPeer(f"connection to {self.peer} is closing"))
+            raise self._closed_error()
         transport.writelines(pieces)
         if transport.get_write_buffer_size() > self._max_outbound:
             self.abort(BrokenByPeer(f"peer {self.peer} stopped reading: outbound cap reached"))
