@@ -1,0 +1,95 @@
+"""In-process runtime behaviour: deadlines, typed errors, hostile connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import zipcomm
+from zipcomm.protocol.frames import encode_frame
+from zipcomm.protocol.handshake import Handshake
+from zipcomm.protocol.limits import PREFIX
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+
+async def test_stalled_allreduce_names_channel_epoch_round_and_missing_member() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a, zipcomm.connect(ctl.address) as b, \
+                zipcomm.connect(ctl.address) as c:
+            ra = await a.reduce_channel("r", zipcomm.SUM)
+            rb = await b.reduce_channel("r", zipcomm.SUM)
+            await c.reduce_channel("r", zipcomm.SUM)  # joins, never contributes
+            with pytest.raises(zipcomm.CollectiveTimeout) as info:
+                await asyncio.gather(ra.allreduce(np.ones(3), timeout=0.5), rb.allreduce(np.ones(3), timeout=0.5))
+            err = info.value
+            assert err.channel == "r" and err.round == 0 and err.epoch >= 1
+            assert err.missing, "the error must say who is missing"
+            assert "channel='r'" in str(err) and "round=0" in str(err)
+
+
+async def test_receive_timeout_is_typed() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a:
+            bc = await a.broadcast_channel("b")
+            with pytest.raises(zipcomm.CollectiveTimeout) as info:
+                await bc.receive(timeout=0.2)
+            assert info.value.channel == "b"
+
+
+async def test_unsupported_payload_is_refused_at_the_sender() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a, zipcomm.connect(ctl.address) as b:
+            ba = await a.broadcast_channel("b")
+            bb = await b.broadcast_channel("b")
+            with pytest.raises(zipcomm.UnsupportedPayload, match="set"):
+                await ba.send({1, 2})
+            with pytest.raises(TypeError):
+                await ba.send(object())
+            await ba.send([1, "two", b"three", np.arange(3)])
+            got = await bb.receive(timeout=5)
+            assert got[:3] == [1, "two", b"three"] and got[3].tolist() == [0, 1, 2]
+
+
+async def _raw(address: str, payload: bytes, handshake: bool) -> bytes:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        if handshake:
+            hs = Handshake(is_client=True, secret=None)
+            writer.write(hs.initial_bytes())
+            while not hs.done:
+                out = hs.receive(await reader.read(4096))
+                if out:
+                    writer.write(out)
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)  # b"" once the server closed us
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "payload, handshake",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False),  # not our protocol at all
+        (PREFIX.pack(b"ZIPC", 1, 0, 0, 0xFFFFFFFF, 2**64 - 1), True),  # oversize prefixes
+        (PREFIX.pack(b"XXXX", 1, 0, 0, 2, 0) + b"\x80\x80", True),  # bad magic
+        (PREFIX.pack(b"ZIPC", 9, 0, 0, 1, 0) + b"\x80", True),  # bad version
+        (PREFIX.pack(b"ZIPC", 1, 0, 0, 1, 0) + b"\xc1", True),  # invalid msgpack
+        (b"".join(encode_frame({"op": "no_such_op"})), True),  # unknown op
+    ],
+)
+async def test_bad_input_closes_that_connection_only(payload: bytes, handshake: bool) -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as good:
+            ch = await good.broadcast_channel("before")
+            closed = await _raw(ctl.address, payload, handshake)
+            assert len(closed) <= 64  # at most the handshake reply; then EOF
+            # The controller still serves: a new member joins and the old session still works.
+            async with zipcomm.connect(ctl.address) as other:
+                peer = await other.broadcast_channel("before")
+                await ch.send("still alive")
+                assert await peer.receive(timeout=5) == "still alive"
