@@ -26,6 +26,16 @@ def records(stdout: bytes) -> list[dict]:
 def summarize(cell: dict, outputs: list[tuple], failed: list[int], failure: str) -> None:
     """Fill the cell's rounds, durations and median, or its error."""
     recs = [records(out) for _rc, out, _err in outputs]
+    by_text: dict[str, list[int]] = {}
+    for rec in (r for rs in recs for r in rs if r["type"] == "warning"):
+        by_text.setdefault(rec["error"], []).append(rec["rank"])
+    warnings = [f"{text} (ranks {sorted(ranks)})" for text, ranks in by_text.items()]
+    if warnings:
+        cell["warnings"] = warnings
+    bad = {rank: err.decode(errors="replace").strip().splitlines()[-20:]
+           for rank, (rc, _out, err) in enumerate(outputs) if rc != 0 or warnings}
+    if bad:
+        cell["stderr_tails"] = bad  # for the post-mortem, in the JSON only
     unavailable = [r for rs in recs for r in rs if r["type"] == "unavailable"]
     errors = {r["rank"]: r for rs in recs for r in rs if r["type"] == "error"}
     if unavailable:
@@ -96,10 +106,15 @@ def table(cells: list[dict], backends: list[str]) -> str:
     for c in cells:
         if c["status"] != "ok":
             failures.setdefault((c["backend"], c["error"]), []).append(c)
+    for c in cells:
+        for warning in c.get("warnings", [])[:1]:
+            text = "WARNING " + warning.rsplit(" (ranks", 1)[0]
+            failures.setdefault((c["backend"], text), []).append(c)
     for (backend, error), group in failures.items():
         where = ", ".join(f"{c['op']} {c['size']} n={c['n']}" for c in group[:4])
         more = f" (+{len(group) - 4} more)" if len(group) > 4 else ""
-        lines.append(f"FAILED {backend} [{where}{more}]: {error}")
+        kind = "" if error.startswith("WARNING") else "FAILED "
+        lines.append(f"{kind}{backend} [{where}{more}]: {error}")
     return "\n".join(lines)
 
 

@@ -57,7 +57,7 @@ class _PeerLink:
                 conn.send(header, buffers)
             self.pending.clear()
             self.conn = conn
-            await conn.closed
+            await asyncio.shield(conn.closed)  # cancelling us must not cancel the connection's future
             raise BrokenByPeer(f"connection to peer {self.member:x} at {self.address} closed")
         except (ConnectionClosed, ZipTimeout) as exc:
             self.failed = exc
@@ -136,14 +136,24 @@ class Runtime:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for link in self._peers.values():
-            if link.conn is not None:
-                link.conn.abort()
+        # Flush what we forwarded (a child may still need the last item we passed on),
+        # then close gracefully; abort only what will not drain in time.
+        links = [link.conn for link in self._peers.values() if link.conn is not None]
         self._peers.clear()
+        if links:
+            await asyncio.gather(*(self._close_flushed(conn) for conn in links))
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed("runtime closed"))
         self._requests.clear()
+
+    @staticmethod
+    async def _close_flushed(conn: Connection, timeout: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(conn.drain(), timeout)
+            await asyncio.wait_for(conn.aclose(), timeout)
+        except (ConnectionClosed, TimeoutError):
+            conn.abort()
 
     async def __aenter__(self) -> Runtime:
         if not self.address:

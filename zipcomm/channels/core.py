@@ -88,7 +88,9 @@ class ChannelCore:
         self.last_key: Key = (0, 0)
         self.history: collections.deque[m.Item] = collections.deque()
         self.history_bytes = 0
-        self.pending: dict[Key, tuple[int | None, m.Item]] = {}
+        self.pending: dict[Key, tuple[int | None, m.Item]] = {}  # by the key they follow
+        self.last_published: Key = (0, 0)
+        self.deferred: list = []
         self.next_n = 1
         self.submits: collections.deque[m.Submit] = collections.deque()
         self.last_msg: dict[int, int] = {}
@@ -201,6 +203,10 @@ class ChannelCore:
         if all(c.up_done for c in self.children.values()):
             self.root_ready = True
             self.next_n = self.last_key[1] + 1 if self.last_key[0] == self.term else 1
+            self.last_published = self.last_key
+            deferred, self.deferred = self.deferred, []
+            for kind, meta, data in deferred:
+                self.publish(kind, meta, data)
             while self.submits and self.root_ready:
                 self._sequence(self.submits.popleft())
             self.on_root_ready()
@@ -281,32 +287,21 @@ class ChannelCore:
 
     # -- the stream ----------------------------------------------------------
 
-    def _is_next(self, key: Key) -> bool:
-        term, n = key
-        if term == self.last_key[0]:
-            return n == self.last_key[1] + 1
-        return term > self.last_key[0] and n == 1
-
     async def _on_item(self, source: int | None, item: m.Item) -> None:
+        # Items form a chain: each names the key before it, so an item of a new
+        # root's term cannot overtake an older item still being repaired.
         key = tuple(item.key)
         if key <= self.last_key:
             return  # already delivered
-        if not self._is_next(key):  # type: ignore[arg-type]
+        if tuple(item.prev) != self.last_key:
             if len(self.pending) >= PENDING_ITEMS:
                 log.error("channel %s: stream gap at %s not filled; dropping %s", self.name, self.last_key, key)
                 return
-            self.pending[key] = (source, item)  # type: ignore[index]
+            self.pending.setdefault(tuple(item.prev), (source, item))  # type: ignore[arg-type]
             return
         await self._deliver(source, item)
-        while self.pending:
-            nxt = min(self.pending)
-            if not self._is_next(nxt):
-                if nxt <= self.last_key:
-                    del self.pending[nxt]
-                    continue
-                break
-            src, it = self.pending.pop(nxt)
-            await self._deliver(src, it)
+        while (entry := self.pending.pop(self.last_key, None)) is not None:
+            await self._deliver(*entry)
 
     async def _deliver(self, source: int | None, item: m.Item) -> None:
         self.last_key = tuple(item.key)  # type: ignore[assignment]
@@ -328,9 +323,16 @@ class ChannelCore:
         await self.on_item(item)
 
     def publish(self, kind: str, meta: dict, data: Any) -> None:
-        """Root only: append an item to the stream (delivered here and sent down)."""
+        """Root only: append an item to the stream (delivered here and sent down).
+        Before the root has gathered its children's state the item waits."""
         assert self.is_root
-        item = m.Item(channel=self.name, key=[self.term, self.next_n], kind=kind, meta=meta, data=data)
+        if not self.root_ready:
+            if len(self.deferred) < ROOT_SUBMIT_QUEUE:
+                self.deferred.append((kind, meta, data))
+            return
+        key = [self.term, self.next_n]
+        item = m.Item(channel=self.name, key=key, prev=list(self.last_published), kind=kind, meta=meta, data=data)
+        self.last_published = tuple(key)  # type: ignore[assignment]
         self.next_n += 1
         self.rt._spawn(self._on_item(None, item), f"publish-{self.name}")
 

@@ -239,6 +239,7 @@ class Item(Message):
 
     channel: str = _str()
     key: list = _list()
+    prev: list = _list()
     kind: str = _str()
     meta: dict = field(default_factory=dict, metadata={"kind": "dict"})
     data: Any = None
