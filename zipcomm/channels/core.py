@@ -137,7 +137,7 @@ class ChannelCore:
         if isinstance(msg, m.Rewire):
             self.on_rewire(msg)
         elif isinstance(msg, m.Gone) and self.is_root:
-            self.publish("g", {"member": msg.member}, None)
+            self.publish("g", {"member": msg.member, "graceful": msg.graceful}, None)
 
     def on_rewire(self, msg: m.Rewire) -> None:
         if msg.epoch < self.epoch:

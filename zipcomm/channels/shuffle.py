@@ -190,6 +190,14 @@ class ShuffleChannel(ChannelCore):
             return
         self.parts.setdefault(r, {})[sender] = data
 
+    async def aclose(self, graceful: bool = True) -> None:
+        if graceful and not self.closed and self.role != RECEIVER:
+            # Rounds that name us but that we never took: their receivers expect a part.
+            for r, members in sorted(self.lists.items()):
+                self._send_parts(r, members, [], lambda item, n: 0)
+            self.lists.clear()
+        await super().aclose(graceful)
+
     # -- hooks ---------------------------------------------------------------
 
     def list_round(self) -> int:
@@ -209,7 +217,10 @@ class ShuffleChannel(ChannelCore):
                 self.lists[r] = members
         elif item.kind == "g":
             log.debug("%x gone %x", self.me, item.meta["member"])
-            self.gone.add(item.meta["member"])
+            if not item.meta.get("graceful"):
+                # A failed sender is wholly out of the rounds it did not finish; one that
+                # left gracefully sent its parts before leaving: they are on their way.
+                self.gone.add(item.meta["member"])
         self._pulse()
 
     async def on_kind_message(self, sender: int, msg: m.Message) -> None:

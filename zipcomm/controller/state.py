@@ -95,7 +95,7 @@ class ControllerState:
         if meta is None or member not in meta.tree:
             raise MembershipError("not a member", channel=channel, member=member)
         self.member_channels.get(member, set()).discard(channel)
-        return self._remove(channel, member)
+        return self._remove(channel, member, graceful=True)
 
     def root(self, channel: str) -> dict:
         meta = self._meta(channel)
@@ -121,7 +121,7 @@ class ControllerState:
             raise MembershipError("no such channel", channel=channel)
         return meta
 
-    def _remove(self, channel: str, member: int) -> list[Push]:
+    def _remove(self, channel: str, member: int, graceful: bool = False) -> list[Push]:
         meta = self.channels[channel]
         changes = meta.tree.remove(member)
         meta.roles.pop(member, None)
@@ -131,7 +131,7 @@ class ControllerState:
             return pushes
         # The root publishes departures in the channel stream (shuffle receivers stop
         # waiting for a dead sender); one extra message, O(1).
-        pushes.append((meta.tree.root, Gone(channel=channel, epoch=meta.epoch, member=member)))
+        pushes.append((meta.tree.root, Gone(channel=channel, epoch=meta.epoch, member=member, graceful=graceful)))
         if meta.tree.needs_rebalance():
             pushes.extend(self._apply(meta, meta.tree.rebalance()))
         return pushes

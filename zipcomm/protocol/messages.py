@@ -198,6 +198,7 @@ class Gone(Message):
     channel: str = _str()
     epoch: int = _int()
     member: int = _int()
+    graceful: bool = _bool(False)
 
 
 # --- member <-> member -------------------------------------------------------
