@@ -46,6 +46,7 @@ class _PeerLink:
         self.conn: Connection | None = None
         self.pending: list[tuple[dict, list]] = []
         self.failed: BaseException | None = None
+        self.settled = asyncio.Event()  # connected (pending frames handed over) or failed
         self.task = runtime._spawn(self._connect(runtime), f"peer-connect-{member:x}")
 
     async def _connect(self, runtime: Runtime) -> None:
@@ -57,11 +58,13 @@ class _PeerLink:
                 conn.send(header, buffers)
             self.pending.clear()
             self.conn = conn
+            self.settled.set()
             await asyncio.shield(conn.closed)  # cancelling us must not cancel the connection's future
             raise BrokenByPeer(f"connection to peer {self.member:x} at {self.address} closed")
         except (ConnectionClosed, ZipTimeout) as exc:
             self.failed = exc
             self.pending.clear()
+            self.settled.set()
             runtime._peer_lost(self, exc)
 
     def send(self, header: dict, buffers: list) -> None:
@@ -123,6 +126,13 @@ class Runtime:
         if self._closing:
             return
         self._closing = True
+        # Frames queued on links still connecting (e.g. shuffle parts just sent) go out first.
+        connecting = [asyncio.ensure_future(link.settled.wait()) for link in self._peers.values()
+                      if not link.settled.is_set()]
+        if connecting:
+            _, late = await asyncio.wait(connecting, timeout=5.0)
+            for waiter in late:
+                waiter.cancel()
         for core in list(self.channels.values()):
             try:
                 await core.aclose(graceful=self._session_ready.is_set())
