@@ -204,24 +204,25 @@ def test_load_secret_from_environment():
         load_secret(env={SECRET_ENV: ""})
 
 
-def test_load_secret_from_a_0600_file(tmp_path):
+def _secret_file(tmp_path, content: bytes, mode: int):
     path = tmp_path / "secret"
-    path.write_bytes(b"from-file\n")
-    path.chmod(0o600)
+    path.write_bytes(content)
+    path.chmod(mode)
+    return path
+
+
+def test_load_secret_from_a_0600_file(tmp_path):
+    path = _secret_file(tmp_path, b"from-file\n", 0o600)
     assert load_secret(env={SECRET_ENV: "from-env"}, path=path) == b"from-file"
 
 
 def test_load_secret_refuses_a_0644_file(tmp_path):
-    path = tmp_path / "secret"
-    path.write_bytes(b"from-file\n")
-    path.chmod(0o644)
+    path = _secret_file(tmp_path, b"from-file\n", 0o644)
     with pytest.raises(PermissionError, match="0644.*chmod 600"):
         load_secret(env={}, path=path)
 
 
 def test_load_secret_refuses_an_empty_file(tmp_path):
-    path = tmp_path / "secret"
-    path.write_bytes(b"\n")
-    path.chmod(0o600)
+    path = _secret_file(tmp_path, b"\n", 0o600)
     with pytest.raises(ValueError, match="empty"):
         load_secret(env={}, path=path)

@@ -115,10 +115,15 @@ class CollectiveTimeout(ZipTimeout):
 class MembershipError(ZipError):
     """The controller refused or lost a membership (join, leave, stale incarnation)."""
 
-    def __init__(self, message: str, *, channel: str | None = None, member: object = None) -> None:
+    #: ``code`` values a program may act on
+    ALREADY_MEMBER = "already_member"
+
+    def __init__(self, message: str, *, channel: str | None = None, member: object = None,
+                 code: str = "") -> None:
         super().__init__(message if channel is None else f"{message} [channel={channel!r} member={member}]")
         self.channel = channel
         self.member = member
+        self.code = code
 
 
 class ChannelClosed(ZipError):

@@ -250,7 +250,8 @@ class Runtime:
             finally:
                 self._requests.pop(req, None)
             if not reply.ok:
-                raise MembershipError(reply.error, channel=fields.get("channel"), member=self.member_id)
+                raise MembershipError(reply.error, channel=fields.get("channel"), member=self.member_id,
+                                      code=reply.code)
             return reply.result
 
     async def _open_session(self, deadline: float | None) -> None:
@@ -306,7 +307,7 @@ class Runtime:
             result = await self.request(m.Join, channel=core.name, kind=core.kind, role=core.role,
                                         epoch_hint=core.epoch + 1)
         except MembershipError as exc:
-            if "already a member" in str(exc):
+            if exc.code == MembershipError.ALREADY_MEMBER:
                 return  # the controller kept its state: nothing to rebuild
             raise
         core.on_rewire(m.Rewire(channel=core.name, **result))

@@ -115,7 +115,7 @@ class Controller:
         try:
             reply = m.Reply(req=req, ok=True, result=compute())
         except MembershipError as exc:
-            reply = m.Reply(req=req, ok=False, error=str(exc))
+            reply = m.Reply(req=req, ok=False, error=str(exc), code=exc.code)
         conn.send(*reply.to_frame())
 
     def _execute(self, pushes: list[Push]) -> None:

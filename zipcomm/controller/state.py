@@ -78,7 +78,8 @@ class ControllerState:
                 f"channel is a {meta.kind} channel, cannot join it as {kind}", channel=channel, member=member
             )
         if member in meta.tree:
-            raise MembershipError("already a member", channel=channel, member=member)
+            raise MembershipError("already a member", channel=channel, member=member,
+                                  code=MembershipError.ALREADY_MEMBER)
         # After a controller restart members re-announce with the epoch they knew:
         # the rebuilt tree must live in a later epoch than anything they saw.
         meta.epoch = max(meta.epoch, epoch_hint)

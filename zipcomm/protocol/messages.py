@@ -174,6 +174,7 @@ class Reply(Message):
     ok: bool = _bool(True)
     result: dict = field(default_factory=dict, metadata={"kind": "dict"})
     error: str = _str("")
+    code: str = _str("")
 
 
 @op("rewire")
