@@ -61,6 +61,13 @@ async def test_shuffle_with_8_processes() -> None:
             assert all(x % 8 == position for x in res[0])
 
 
+async def _after(first: asyncio.Future, member, cmd: str, **args):
+    """A member's next command only once its previous one is answered: two calls
+    running at once in one member would share its queue and its rounds."""
+    await asyncio.wait_for(asyncio.shield(first), 60)
+    return await member.call(cmd, **args)
+
+
 def _interior(places: list[dict]) -> int:
     return next(i for i, p in enumerate(places) if p["children"] and not p["root"])
 
@@ -77,7 +84,8 @@ async def test_sigkill_interior_mid_broadcast() -> None:
         await asyncio.wait_for(firsts[0], 30)
         c.members[victim].kill(signal.SIGKILL)
         assert (await asyncio.wait_for(sending, 60))["ok"]
-        rest = await asyncio.gather(*(mm.call("receive", name="b", count=180, timeout=60) for mm in survivors))
+        rest = await asyncio.gather(*(_after(head, mm, "receive", name="b", count=180, timeout=60)
+                                      for mm, head in zip(survivors, firsts)))
         for mm, head, tail in zip(survivors, firsts, rest):
             seq = (await head)["result"] + tail
             assert seq == list(range(1, 201)), f"member {mm.index} (victim {victim}): got {seq}"
@@ -95,7 +103,8 @@ async def test_sigkill_interior_mid_reduce_is_exact() -> None:
         await asyncio.wait_for(firsts[survivors[0]], 30)
         c.members[victim].kill(signal.SIGKILL)
         rest = await asyncio.gather(
-            *(c.members[i].call("allreduce", name="r", index=i, width=9, rounds=10, timeout=60) for i in survivors)
+            *(_after(firsts[i], c.members[i], "allreduce", name="r", index=i, width=9, rounds=10, timeout=60)
+              for i in survivors)
         )
         per_member = [(await firsts[i])["result"] + more for i, more in zip(survivors, rest)]
         for rounds in zip(*per_member):
@@ -117,7 +126,8 @@ async def test_sigkill_interior_mid_shuffle() -> None:
         await asyncio.wait_for(firsts[survivors[0]], 30)
         c.members[victim].kill(signal.SIGKILL)
         rest = await asyncio.gather(
-            *(c.members[i].call("shuffle", name="s", start=i * 1000, count=300, rounds=3, timeout=60)
+            *(_after(firsts[i], c.members[i], "shuffle", name="s", start=i * 1000, count=300, rounds=3,
+                     timeout=60)
               for i in survivors)
         )
         # Round 0 was under way at the kill: each survivor gets exactly the items of its

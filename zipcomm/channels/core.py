@@ -79,7 +79,9 @@ class ChannelCore:
         self.is_root = False
         self.root_ready = False
         self.children: dict[int, ChildState] = {}
-        self.early_links: dict[int, m.Link] = {}
+        # Link / UpDone / SyncDone of a child whose rewire reached it before ours reached
+        # us: replayed in order when ours lands.
+        self.early: dict[int, list[m.Message]] = {}
         self.fresh = True
         self.joined = asyncio.Event()
         self.closed = False
@@ -140,6 +142,8 @@ class ChannelCore:
             self.publish("g", {"member": msg.member, "graceful": msg.graceful}, None)
 
     def on_rewire(self, msg: m.Rewire) -> None:
+        log.debug("%x %s rewire epoch %d parent %s children %s", self.me, self.name, msg.epoch,
+                  f"{msg.parent[0]:x}" if msg.parent else None, [f"{c[0]:x}" for c in msg.children])
         if msg.epoch < self.epoch:
             return  # an older re-wiring overtaken by a newer one
         self.epoch = msg.epoch
@@ -155,9 +159,8 @@ class ChannelCore:
         for cid, info in wanted.items():
             if cid not in self.children:
                 self.children[cid] = ChildState(cid, info[1], info[3])
-                early = self.early_links.pop(cid, None)
-                if early is not None:
-                    self._accept_link(early)
+                for early in self.early.pop(cid, ()):
+                    self._on_child_message(cid, early)
         # parent / root
         if new_parent_id is None:
             if not self.is_root:
@@ -224,32 +227,33 @@ class ChannelCore:
         if self.closed:
             return
         match msg:
-            case m.Link():
+            case m.Link() | m.UpDone() | m.SyncDone():
                 if sender in self.children:
-                    self._accept_link(msg)
-                elif len(self.early_links) < EARLY_LINKS:
-                    # Its rewire reached it before ours reached us: accept when ours lands.
-                    self.early_links[sender] = msg
+                    self._on_child_message(sender, msg)
+                elif isinstance(msg, m.Link) or sender in self.early:
+                    if len(self.early) < EARLY_LINKS:
+                        self.early.setdefault(sender, []).append(msg)
             case m.LinkAck():
                 self._on_link_ack(sender, msg)
             case m.Item():
                 await self._on_item(sender, msg)
-            case m.UpDone():
-                child = self.children.get(sender)
-                if child is not None:
-                    child.up_done = True
-                    self._check_root_ready()
-            case m.SyncDone():
-                child = self.children.get(sender)
-                if child is not None:
-                    child.synced = True
-                    self._check_sync_done()
-                    self.progress()
             case m.Submit():
                 self.on_submit(msg)
             case _:
                 await self.on_kind_message(sender, msg)
         self._pulse()
+
+    def _on_child_message(self, sender: int, msg: m.Message) -> None:
+        child = self.children[sender]
+        if isinstance(msg, m.Link):
+            self._accept_link(msg)
+        elif isinstance(msg, m.UpDone):
+            child.up_done = True
+            self._check_root_ready()
+        else:
+            child.synced = True
+            self._check_sync_done()
+            self.progress()
 
     def _accept_link(self, msg: m.Link) -> None:
         child = self.children[msg.member]
@@ -304,6 +308,9 @@ class ChannelCore:
             await self._deliver(*entry)
 
     async def _deliver(self, source: int | None, item: m.Item) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%x %s deliver %s after %s kind %s from %s", self.me, self.name, item.key, item.prev,
+                      item.kind, f"{source:x}" if source else "-")
         self.last_key = tuple(item.key)  # type: ignore[assignment]
         self.history.append(item)
         self.history_bytes += _payload_size(item.data)
