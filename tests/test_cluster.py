@@ -154,3 +154,34 @@ async def test_sigkill_interior_mid_shuffle() -> None:
                 residues = {x % 9 for x in missing}
                 assert len(residues) == 1, f"items lost from several receivers: {sorted(residues)}"
                 assert missing == {x for x in expected if x % 9 in residues}
+
+
+async def test_sigkill_root_mid_broadcast_and_mid_reduce() -> None:
+    async with Cluster(7) as c:
+        await c.join_all("broadcast", "b")
+        await c.join_all("reduce", "r")
+        places = await c.places("b")
+        root = next(i for i, p in enumerate(places) if p["root"])
+        sender = next(i for i in range(7) if i != root)
+        survivors = [i for i in range(7) if i != root]
+        receivers = [i for i in survivors if i != sender]
+        ids = [p["member"] for p in await c.places("r")]
+        sending = c.members[sender].start_call("send", name="b", values=list(range(1, 101)), size=500)
+        firsts = [c.members[i].start_call("receive", name="b", count=10) for i in receivers]
+        reducing = [c.members[i].start_call("allreduce", name="r", index=i, width=7, rounds=3) for i in range(7)]
+        await asyncio.wait_for(firsts[0], 30)
+        c.members[root].kill(signal.SIGKILL)
+        assert (await asyncio.wait_for(sending, 60))["ok"]
+        rest = await asyncio.gather(*(_after(head, c.members[i], "receive", name="b", count=90, timeout=60)
+                                      for i, head in zip(receivers, firsts)))
+        for i, head, tail in zip(receivers, firsts, rest):
+            assert (await head)["result"] + tail == list(range(1, 101)), f"member {i}"
+        more = await asyncio.gather(*(_after(reducing[i], c.members[i], "allreduce", name="r", index=i, width=7,
+                                             rounds=3, timeout=60) for i in survivors))
+        per_member = [(await reducing[i])["result"] + extra for i, extra in zip(survivors, more)]
+        for rounds in zip(*per_member):
+            assert all(r == rounds[0] for r in rounds), "members disagree on a round's result"
+            vector, contributors = rounds[0]["vector"], rounds[0]["contributors"]
+            assert set(vector) <= {0, 1}, f"double count: {vector}"
+            assert {ids[i] for i, v in enumerate(vector) if v == 1} == set(contributors)
+            assert {ids[i] for i in survivors} <= set(contributors), "a live contributor was dropped"
