@@ -93,3 +93,34 @@ async def test_bad_input_closes_that_connection_only(payload: bytes, handshake: 
                 peer = await other.broadcast_channel("before")
                 await ch.send("still alive")
                 assert await peer.receive(timeout=5) == "still alive"
+
+
+async def test_caller_may_reuse_its_buffer_once_a_call_returns() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a, zipcomm.connect(ctl.address) as b:
+            ba = await a.broadcast_channel("b")  # first to join: the root sends locally
+            bb = await b.broadcast_channel("b")
+            big = np.arange(4_000_000, dtype=np.int64)  # 32 MB: still on its way when send returns
+            await ba.send(big)
+            big[:] = -1
+            got = await bb.receive(timeout=10)
+            assert got[0] == 0 and got[-1] == 3_999_999 and not got.flags.writeable
+            ra = await a.reduce_channel("r", zipcomm.SUM)
+            rb = await b.reduce_channel("r", zipcomm.SUM)
+            mine = np.ones(1_000_000)
+            calls = [asyncio.ensure_future(ra.allreduce(np.ones(1_000_000), timeout=10)),
+                     asyncio.ensure_future(rb.allreduce(mine, timeout=10))]
+            await asyncio.sleep(0)  # one turn: both calls have started (and returned control)
+            mine[:] = 100.0  # the contribution was taken when the call started
+            results = await asyncio.gather(*calls)
+            assert all(float(r[0]) == 2.0 and float(r[-1]) == 2.0 for r in results)
+
+
+async def test_allreduce_alone_leaves_the_callers_array_alone() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a:
+            rc = await a.reduce_channel("solo", zipcomm.SUM)
+            x = np.ones(3)
+            result = await rc.allreduce(x, timeout=5)
+            x[:] = 5.0  # still the caller's: writable, and not the result it got back
+            assert result.tolist() == [1.0, 1.0, 1.0]

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import freeze
 from ..protocol import messages as m
+from ..protocol.payload import snapshot_payload
 from .core import ChannelCore
 
 RESUBMIT_AFTER = 1.0  # seconds without the item coming back before asking for the root again
@@ -61,17 +62,23 @@ class BroadcastChannel(ChannelCore):
 
     async def _submit(self, submit: m.Submit) -> None:
         if self.is_root:
-            self.on_submit(submit)
+            self._submit_here(submit)
             return
         if self._root is None:
             info = await self.rt.request(m.LookupRoot, channel=self.name)
             self._root = info["root"]
         root = self._root
         if root[0] == self.me:
-            self.on_submit(submit)
+            self._submit_here(submit)
             return
         self.rt.send_to(root[0], root[1], submit)
         await self.rt.drain_to(root[0])
+
+    def _submit_here(self, submit: m.Submit) -> None:
+        # The stream keeps the data after send() returns (sockets, repair history): it
+        # must be ours, not the caller's buffer. A remote root receives its own copy.
+        self.on_submit(m.Submit(channel=submit.channel, origin=submit.origin, msg_id=submit.msg_id,
+                                data=snapshot_payload(submit.data)))
 
     async def receive(self, *, timeout: float | None = None) -> Any:
         """The next broadcast sent by another member (in the channel's order)."""

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import FastOp, freeze, reduce_by_name, reduce_name, resolve_reduce
 from ..protocol import messages as m
+from ..protocol.payload import snapshot_payload
 from .core import ChannelCore
 
 log = logging.getLogger("zipcomm.reduce")
@@ -84,7 +85,7 @@ class ReduceChannel(ChannelCore):
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} closed")
         if data is not _NOTHING:
-            m.Piece(channel=self.name, round=0, contributors=[], data=data).to_frame()  # refuse bad payloads here
+            data = snapshot_payload(data)  # refuses bad payloads here; the caller may reuse its buffer
         r = self.next_round
         self.next_round += 1
         rnd = self.rounds.setdefault(r, _Round())

@@ -31,7 +31,7 @@ def partition(data: Any, hash_function: Callable, n: int) -> list:
     """Split ``data`` into ``n`` parts: vectorized for numpy arrays, per item for lists."""
     if isinstance(data, np.ndarray):
         if n == 1:
-            return [data]
+            return [np.array(data, copy=True)]  # it may travel after the call returns: not the caller's buffer
         idx = np.asarray(hash_function(data, n))
         if idx.shape != (len(data),) or idx.dtype.kind not in "iu":
             raise TypeError("hash_function(array, n) must return an integer array with one index per row")

@@ -243,3 +243,12 @@ def decode_payload_frame(frame: Frame, limits: Limits = DEFAULT_LIMITS) -> objec
     if "data" not in frame.header:
         raise RemoteProtocolError(f"frame of op {frame.op!r} carries no payload")
     return unpack_payload(frame.header["data"], frame.buffers, limits)
+
+
+def snapshot_payload(obj: object, limits: Limits = DEFAULT_LIMITS) -> object:
+    """A private copy of ``obj`` (checked like ``pack_payload``): zipcomm keeps what it
+    sends (queued on sockets, in histories for repair) after the call that sent it
+    returned, so the caller may reuse its own buffers at once. One memcpy per array."""
+    tree, buffers = pack_payload(obj, limits)
+    copies = [np.array(b, copy=True, order="C") if isinstance(b, np.ndarray) else bytearray(b) for b in buffers]
+    return unpack_payload(tree, copies, limits)
