@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import math
 import sys
 import time
@@ -242,6 +244,10 @@ async def run(cfg: dict, dl: Deadline, state: dict) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[1])
+    if os.environ.get("ZIPCOMM_BENCH_LOGDIR"):  # per-rank logs for post-mortems of a failed cell
+        logging.basicConfig(
+            filename=os.path.join(os.environ["ZIPCOMM_BENCH_LOGDIR"], f"{cfg['op']}-{cfg['n']}-{cfg['rank']}.log"),
+            level=logging.INFO, format="%(relativeCreated)d %(name)s %(message)s")
     state = {"phase": "start"}
     dl = Deadline(cfg["timeout"])
 

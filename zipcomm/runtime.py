@@ -35,6 +35,7 @@ log = logging.getLogger("zipcomm.runtime")
 
 PENDING_FRAMES_PER_PEER = 4096  # frames queued while a peer connection is being opened
 CONTROLLER_REQUESTS_IN_FLIGHT = 1024
+CLOSE_FLUSH_TIMEOUT = 60.0  # a peer that takes longer to read what we sent is cut off
 
 
 class _PeerLink:
@@ -133,6 +134,9 @@ class Runtime:
             _, late = await asyncio.wait(connecting, timeout=5.0)
             for waiter in late:
                 waiter.cancel()
+        # What we sent or forwarded reaches the peers before we leave: a child may hold
+        # the only copy of a broadcast we sequenced, once we are gone.
+        await self._flush_links()
         for core in list(self.channels.values()):
             try:
                 await core.aclose(graceful=self._session_ready.is_set())
@@ -157,10 +161,22 @@ class Runtime:
                 fut.set_exception(ChannelClosed("runtime closed"))
         self._requests.clear()
 
+    async def _flush_links(self) -> None:
+        conns = [link.conn for link in self._peers.values() if link.conn is not None]
+        if not conns:
+            return
+        done, late = await asyncio.wait([asyncio.ensure_future(c.flush()) for c in conns],
+                                        timeout=CLOSE_FLUSH_TIMEOUT)
+        for task in late:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.info("flush before leaving failed: %s", task.exception())
+
     @staticmethod
     async def _close_flushed(conn: Connection, timeout: float = 5.0) -> None:
         try:
-            await asyncio.wait_for(conn.drain(), timeout)
+            await asyncio.wait_for(conn.flush(), timeout)
             await asyncio.wait_for(conn.aclose(), timeout)
         except (ConnectionClosed, TimeoutError):
             conn.abort()

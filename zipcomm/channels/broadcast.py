@@ -19,7 +19,9 @@ from ..protocol import messages as m
 from ..protocol.payload import snapshot_payload
 from .core import ChannelCore
 
-RESUBMIT_AFTER = 1.0  # seconds without the item coming back before asking for the root again
+# Without the item coming back this long, ask the controller for the root again and
+# re-send (de-duplicated). A lost connection to the root re-sends at once.
+RESUBMIT_AFTER = 10.0
 
 
 class BroadcastChannel(ChannelCore):
@@ -33,7 +35,7 @@ class BroadcastChannel(ChannelCore):
         self._msg_ids = itertools.count(1)
         self._acks: dict[int, asyncio.Future] = {}
         self._root: list | None = None
-        self._send_lock = asyncio.Lock()
+        self._root_lost = asyncio.Event()
 
     async def send(self, data: Any, *, timeout: float | None = 30.0) -> None:
         """Broadcast ``data`` to every other member of the channel."""
@@ -47,9 +49,15 @@ class BroadcastChannel(ChannelCore):
         try:
             async with asyncio.timeout(timeout):
                 while True:
+                    self._root_lost = asyncio.Event()
                     await self._submit(submit)
-                    done, _ = await asyncio.wait([ack], timeout=RESUBMIT_AFTER)
-                    if done:
+                    lost = asyncio.ensure_future(self._root_lost.wait())
+                    try:
+                        done, _ = await asyncio.wait([ack, lost], timeout=RESUBMIT_AFTER,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        lost.cancel()
+                    if ack in done:
                         ack.result()
                         return
                     self._root = None  # no echo yet: the root may have changed
@@ -114,6 +122,10 @@ class BroadcastChannel(ChannelCore):
                 ack.set_result(None)
             return
         await self._queue.put(freeze(item.data))
+
+    def on_peer_lost(self, member: int) -> None:
+        if self._root is not None and self._root[0] == member:
+            self._root_lost.set()
 
     def _fail_waiters(self, exc: BaseException) -> None:
         for ack in self._acks.values():

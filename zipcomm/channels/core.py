@@ -345,7 +345,11 @@ class ChannelCore:
 
     def on_submit(self, msg: m.Submit) -> None:
         if not self.is_root:
-            return  # the sender re-resolves the root and retries
+            # The sender's idea of the root is stale (the root moved or failed):
+            # route it up the tree, which always ends at the current root.
+            if self.parent is not None:
+                self.send_parent(msg)
+            return
         if not self.root_ready:
             if len(self.submits) < ROOT_SUBMIT_QUEUE:
                 self.submits.append(msg)

@@ -32,6 +32,7 @@ log = logging.getLogger("zipcomm.transport")
 HANDSHAKE_TIMEOUT = 5.0
 RECV_QUEUE_FRAMES = 256  # pause reading beyond this many undelivered frames
 DEFAULT_MAX_OUTBOUND = 2 << 30  # bytes queued for a peer that does not read
+WRITE_HIGH_WATER = 16 << 20  # drain() waits while more than this is queued
 
 
 class Connection:
@@ -81,6 +82,20 @@ class Connection:
                 waiter.cancel()
         if self._error is not None:
             raise self._closed_error()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been handed to the kernel."""
+        transport = self._transport
+        if transport is None or self._error is not None:
+            return
+        # With a zero low-water mark the protocol is told to resume only once the
+        # buffer is empty; setting the limits pauses it at once if anything is queued.
+        transport.set_write_buffer_limits(high=1, low=0)  # type: ignore[attr-defined]
+        try:
+            await self.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
     # -- receiving -----------------------------------------------------------
 
@@ -160,7 +175,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=16 << 20)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
         assert self._handshake is not None
         transport.write(self._handshake.initial_bytes())  # type: ignore[attr-defined]
