@@ -328,6 +328,7 @@ class ChannelCore:
             if self.parent is not None and self.parent_linked:
                 self.send_parent(item)  # repair item from a child: flood toward the root
         await self.on_item(item)
+        self._pulse()  # items the root publishes itself arrive through no peer message
 
     def publish(self, kind: str, meta: dict, data: Any) -> None:
         """Root only: append an item to the stream (delivered here and sent down).
