@@ -124,3 +124,11 @@ async def test_allreduce_alone_leaves_the_callers_array_alone() -> None:
             result = await rc.allreduce(x, timeout=5)
             x[:] = 5.0  # still the caller's: writable, and not the result it got back
             assert result.tolist() == [1.0, 1.0, 1.0]
+
+
+async def test_a_lone_root_closes_without_waiting_out_its_deadline() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        rt = await zipcomm.connect(ctl.address)
+        rc = await rt.reduce_channel("r", zipcomm.SUM)
+        await rc.reduce(np.ones(3))  # its round completes at once: nothing to wait for on close
+        await asyncio.wait_for(rt.aclose(), 5.0)  # the graceful-leave wait is 10 s
