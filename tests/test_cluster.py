@@ -61,6 +61,13 @@ async def test_shuffle_with_8_processes() -> None:
             assert all(x % 8 == position for x in res[0])
 
 
+async def _result(call: asyncio.Future):
+    """The result of a command started with start_call, or a failure that says why."""
+    reply = await call
+    assert reply["ok"], f"{reply['error']}: {reply['message']}"
+    return reply["result"]
+
+
 async def _after(first: asyncio.Future, member, cmd: str, **args):
     """A member's next command only once its previous one is answered: two calls
     running at once in one member would share its queue and its rounds."""
@@ -87,7 +94,7 @@ async def test_sigkill_interior_mid_broadcast() -> None:
         rest = await asyncio.gather(*(_after(head, mm, "receive", name="b", count=180, timeout=60)
                                       for mm, head in zip(survivors, firsts)))
         for mm, head, tail in zip(survivors, firsts, rest):
-            seq = (await head)["result"] + tail
+            seq = await _result(head) + tail
             assert seq == list(range(1, 201)), f"member {mm.index} (victim {victim}): got {seq}"
 
 
@@ -106,7 +113,7 @@ async def test_sigkill_interior_mid_reduce_is_exact() -> None:
             *(_after(firsts[i], c.members[i], "allreduce", name="r", index=i, width=9, rounds=10, timeout=60)
               for i in survivors)
         )
-        per_member = [(await firsts[i])["result"] + more for i, more in zip(survivors, rest)]
+        per_member = [await _result(firsts[i]) + more for i, more in zip(survivors, rest)]
         for rounds in zip(*per_member):
             assert all(r == rounds[0] for r in rounds), "members disagree on a round's result"
             vector, contributors = rounds[0]["vector"], rounds[0]["contributors"]
@@ -134,7 +141,7 @@ async def test_sigkill_interior_mid_shuffle() -> None:
         # residue from every surviving sender, and the victim's part whole or not at all.
         order = sorted(p["member"] for p in places)
         for i in survivors:
-            got = set((await firsts[i])["result"][0])
+            got = set((await _result(firsts[i]))[0])
             position = order.index(places[i]["member"])
             from_survivors = {x for j in survivors for x in range(j * 1000, j * 1000 + 300) if x % 9 == position}
             from_victim = {x for x in range(victim * 1000, victim * 1000 + 300) if x % 9 == position}
@@ -175,10 +182,10 @@ async def test_sigkill_root_mid_broadcast_and_mid_reduce() -> None:
         rest = await asyncio.gather(*(_after(head, c.members[i], "receive", name="b", count=90, timeout=60)
                                       for i, head in zip(receivers, firsts)))
         for i, head, tail in zip(receivers, firsts, rest):
-            assert (await head)["result"] + tail == list(range(1, 101)), f"member {i}"
+            assert await _result(head) + tail == list(range(1, 101)), f"member {i}"
         more = await asyncio.gather(*(_after(reducing[i], c.members[i], "allreduce", name="r", index=i, width=7,
                                              rounds=3, timeout=60) for i in survivors))
-        per_member = [(await reducing[i])["result"] + extra for i, extra in zip(survivors, more)]
+        per_member = [await _result(reducing[i]) + extra for i, extra in zip(survivors, more)]
         for rounds in zip(*per_member):
             assert all(r == rounds[0] for r in rounds), "members disagree on a round's result"
             vector, contributors = rounds[0]["vector"], rounds[0]["contributors"]

@@ -213,6 +213,7 @@ class ChannelCore:
             while self.submits and self.root_ready:
                 self._sequence(self.submits.popleft())
             self.on_root_ready()
+            self.progress()  # rounds that waited only for the root to be ready
 
     def _check_sync_done(self) -> None:
         if not self._need_sync_done or self.parent is None:
