@@ -132,3 +132,21 @@ async def test_a_lone_root_closes_without_waiting_out_its_deadline() -> None:
         rc = await rt.reduce_channel("r", zipcomm.SUM)
         await rc.reduce(np.ones(3))  # its round completes at once: nothing to wait for on close
         await asyncio.wait_for(rt.aclose(), 5.0)  # the graceful-leave wait is 10 s
+
+
+async def test_a_root_leaving_right_after_a_round_does_not_overtake_its_result() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as receiver:
+            leaver = await zipcomm.connect(ctl.address)
+            seen: list[int] = []
+            root = await leaver.reduce_channel("r", zipcomm.SUM)  # first to join: the root
+            rc = await receiver.reduce_channel("r", zipcomm.SUM, handler=lambda result, n: seen.append(n))
+            for _ in range(3):
+                waiting = asyncio.ensure_future(rc.reduce(np.ones(5_000_000), timeout=20))
+                await root.reduce(np.ones(5_000_000))
+                assert float((await waiting)[0]) == 2.0
+            last = asyncio.ensure_future(rc.reduce(np.ones(5_000_000), timeout=20))
+            await root.reduce(np.ones(5_000_000))
+            await leaver.aclose()  # the result (40 MB) is still on its way to the handler
+            assert float((await last)[0]) == 2.0
+            assert seen == [2, 2, 2, 2]

@@ -54,7 +54,7 @@ class _PeerLink:
         try:
             conn = await open_connection(self.address, secret=runtime.secret)
             conn.info["member"] = self.member
-            conn.send(*m.PeerHello(member=runtime.member_id).to_frame())
+            conn.send(*m.PeerHello(member=runtime.member_id, address=runtime.address).to_frame())
             for header, buffers in self.pending:
                 conn.send(header, buffers)
             self.pending.clear()
@@ -110,6 +110,7 @@ class Runtime:
         self._requests: dict[int, asyncio.Future] = {}
         self._req_ids = itertools.count(1)
         self._peers: dict[int, _PeerLink] = {}
+        self._quiesce_waiters: dict[tuple[int, int], asyncio.Future] = {}
         self._closing = False
         self.heartbeat = 1.0
         self.heartbeat_timeout = 5.0
@@ -136,7 +137,7 @@ class Runtime:
                 waiter.cancel()
         # What we sent or forwarded reaches the peers before we leave: a child may hold
         # the only copy of a broadcast we sequenced, once we are gone.
-        await self._flush_links()
+        await self.quiesce()
         for core in list(self.channels.values()):
             try:
                 await core.aclose(graceful=self._session_ready.is_set())
@@ -161,17 +162,32 @@ class Runtime:
                 fut.set_exception(ChannelClosed("runtime closed"))
         self._requests.clear()
 
-    async def _flush_links(self) -> None:
-        conns = [link.conn for link in self._peers.values() if link.conn is not None]
-        if not conns:
-            return
-        done, late = await asyncio.wait([asyncio.ensure_future(c.flush()) for c in conns],
-                                        timeout=CLOSE_FLUSH_TIMEOUT)
-        for task in late:
-            task.cancel()
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.info("flush before leaving failed: %s", task.exception())
+    async def quiesce(self, timeout: float = CLOSE_FLUSH_TIMEOUT) -> None:
+        """Wait until every peer we sent to has *processed* all of it (not merely
+        received it): a member about to leave may hold the only path of a result in
+        flight, and its departure must not overtake it. Peers that are gone or do
+        not answer within ``timeout`` are skipped."""
+        token = next(self._req_ids)
+        waiters = []
+        for link in list(self._peers.values()):
+            if link.failed is not None:
+                continue
+            fut = asyncio.get_running_loop().create_future()
+            self._quiesce_waiters[(link.member, token)] = fut
+            waiters.append(fut)
+            try:
+                link.send(*m.Quiesce(token=token).to_frame())
+            except ConnectionClosed:
+                fut.cancel()
+        pending = [w for w in waiters if not w.done()]
+        try:
+            if pending:
+                await asyncio.wait(pending, timeout=timeout)
+        finally:
+            for key in [k for k in self._quiesce_waiters if k[1] == token]:
+                fut = self._quiesce_waiters.pop(key)
+                if not fut.done():
+                    fut.cancel()
 
     @staticmethod
     async def _close_flushed(conn: Connection, timeout: float = 5.0) -> None:
@@ -388,6 +404,15 @@ class Runtime:
         while True:
             frame = await conn.recv()
             msg = m.decode(frame)
+            if isinstance(msg, m.Quiesce):
+                if hello.address:  # FIFO: everything it sent before has been handled
+                    self.send_to(sender, hello.address, m.QuiesceAck(token=msg.token))
+                continue
+            if isinstance(msg, m.QuiesceAck):
+                waiter = self._quiesce_waiters.get((sender, msg.token))
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                continue
             name = getattr(msg, "channel", None)
             if name is None:
                 raise RemoteProtocolError(f"peer sent {msg.OP!r} outside any channel")

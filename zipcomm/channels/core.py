@@ -108,6 +108,7 @@ class ChannelCore:
         self._fail_waiters(ChannelClosed(f"channel {self.name!r} closed"))
         self.rt._forget(self)
         if graceful:
+            await self.rt.quiesce()  # what we sent is handled before the tree learns we left
             try:
                 await asyncio.wait_for(self.rt.request(m.Leave, channel=self.name), 5.0)
             except (MembershipError, TimeoutError):

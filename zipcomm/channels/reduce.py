@@ -260,6 +260,7 @@ class ReduceChannel(ChannelCore):
             own_first = own_first or (len(values) == 1 and piece.contributors == [self.me] and rnd.own is not _NOTHING)
         value = self._combine(values, own_first)
         ids = sorted(covered)
+        log.debug("%x %s round %d complete: %d contributors from %d pieces", self.me, self.name, r, len(ids), len(pieces))
         del self.rounds[r]
         seen = set()
         for member, address in wants:
@@ -290,6 +291,8 @@ class ReduceChannel(ChannelCore):
 
     def _on_piece(self, sender: int, piece: m.Piece) -> None:
         r = piece.round
+        log.debug("%x %s piece round %d from %x late=%s (sent_up_to %d, done_up_to %d)", self.me, self.name, r,
+                  sender, piece.late, self._sent_up_to, self.done_up_to)
         if not self.fn_name and piece.fn:
             self.fn_name = piece.fn
         if r <= self.done_up_to:

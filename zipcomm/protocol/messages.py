@@ -209,6 +209,21 @@ class Gone(Message):
 @dataclass(slots=True)
 class PeerHello(Message):
     member: int = _int()
+    address: str = _str("")
+
+
+@op("quiesce")
+@dataclass(slots=True)
+class Quiesce(Message):
+    """Peer -> peer: answer once you processed everything I sent before this."""
+
+    token: int = _int()
+
+
+@op("quiesce_ack")
+@dataclass(slots=True)
+class QuiesceAck(Message):
+    token: int = _int()
 
 
 @op("link")
