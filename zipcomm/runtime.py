@@ -35,7 +35,7 @@ log = logging.getLogger("zipcomm.runtime")
 
 PENDING_FRAMES_PER_PEER = 4096  # frames queued while a peer connection is being opened
 CONTROLLER_REQUESTS_IN_FLIGHT = 1024
-CLOSE_FLUSH_TIMEOUT = 60.0  # a peer that takes longer to read what we sent is cut off
+CLOSE_FLUSH_TIMEOUT = 30.0  # a peer that takes longer to handle what we sent is not waited for
 
 
 class _PeerLink:
@@ -393,6 +393,9 @@ class Runtime:
     def _peer_lost(self, link: _PeerLink, exc: BaseException) -> None:
         if self._peers.get(link.member) is link:
             del self._peers[link.member]
+        for (member, _token), fut in self._quiesce_waiters.items():
+            if member == link.member and not fut.done():
+                fut.set_result(None)  # nobody left there to wait for
         for core in list(self.channels.values()):
             core.on_peer_lost(link.member)
 
