@@ -150,3 +150,31 @@ async def test_a_root_leaving_right_after_a_round_does_not_overtake_its_result()
             await leaver.aclose()  # the result (40 MB) is still on its way to the handler
             assert float((await last)[0]) == 2.0
             assert seen == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_members_join_while_others_loop_allreduce(seed: int) -> None:
+    """The bench's set-up barrier: joined members loop an allreduce counting contributors
+    while the others are still joining; every loop ends with the full count, none stalls."""
+    import random
+
+    rng = random.Random(seed)
+    n = 8
+    async with zipcomm.Controller("127.0.0.1:0", fanout=2) as ctl:
+        runtimes = [await zipcomm.connect(ctl.address) for _ in range(n)]
+        try:
+            async def member(i: int) -> list[int]:
+                await asyncio.sleep(rng.random() * 0.05 * i)  # staggered joins, not a synchronisation
+                ch = await runtimes[i].reduce_channel("bar", reduce_f=zipcomm.SUM)
+                counts = []
+                while True:
+                    got = await ch.allreduce(np.ones(1, dtype=np.int64), timeout=10)
+                    counts.append(int(got[0]))
+                    if counts[-1] == n:
+                        return counts
+            results = await asyncio.wait_for(asyncio.gather(*(member(i) for i in range(n))), 30)
+            for counts in results:
+                assert counts[-1] == n and all(1 <= c <= n for c in counts)
+        finally:
+            for rt in runtimes:
+                await rt.aclose()

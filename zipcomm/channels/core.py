@@ -160,8 +160,6 @@ class ChannelCore:
         for cid, info in wanted.items():
             if cid not in self.children:
                 self.children[cid] = ChildState(cid, info[1], info[3])
-                for early in self.early.pop(cid, ()):
-                    self._on_child_message(cid, early)
         # parent / root
         if new_parent_id is None:
             if not self.is_root:
@@ -181,10 +179,18 @@ class ChannelCore:
             self.term = msg.term
         if self.is_root:
             self.joined.set()
+        self._replay_early()
         self._check_root_ready()
         self._check_sync_done()
         self.progress()
         self._pulse()
+
+    def _replay_early(self) -> None:
+        if self.fresh:
+            return
+        for cid in [c for c in self.early if c in self.children]:
+            for early in self.early.pop(cid):
+                self._on_child_message(cid, early)
 
     def _link_to_parent(self) -> None:
         assert self.parent is not None
@@ -230,10 +236,13 @@ class ChannelCore:
             return
         match msg:
             case m.Link() | m.UpDone() | m.SyncDone():
-                if sender in self.children:
+                if sender in self.children and not self.fresh:
                     self._on_child_message(sender, msg)
                 elif isinstance(msg, m.Link) or sender in self.early:
-                    if len(self.early) < EARLY_LINKS:
+                    # A child whose re-wiring reached it before ours reached us, or one
+                    # that links while we have not joined ourselves (what we would tell
+                    # it, our stream position and next round, is not known yet).
+                    if sender in self.early or len(self.early) < EARLY_LINKS:
                         self.early.setdefault(sender, []).append(msg)
             case m.LinkAck():
                 self._on_link_ack(sender, msg)
@@ -289,6 +298,7 @@ class ChannelCore:
                 if tuple(item.key) > theirs:
                     self.send_parent(item)
         self.send_parent(m.UpDone(channel=self.name))
+        self._replay_early()  # children that linked before we had joined
         self.joined.set()
 
     # -- the stream ----------------------------------------------------------
