@@ -1,3 +1,3 @@
 from setuptools import setup
 
-setup()
+setup(cffi_modules=["zipcomm/_ring_build.py:ffibuilder"])

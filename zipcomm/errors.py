@@ -23,6 +23,18 @@ __all__ = [
     "MembershipError",
     "ChannelClosed",
     "UnsupportedPayload",
+    "RingError",
+    "InvalidRingMemory",
+    "RingCorrupt",
+    "RecordTooLarge",
+    "BufferTooSmall",
+    "RingFull",
+    "RingEmpty",
+    "RingClosed",
+    "ArenaError",
+    "ArenaUnavailable",
+    "ArenaFull",
+    "ArenaAttachError",
 ]
 
 
@@ -133,3 +145,81 @@ class ChannelClosed(ZipError):
 class UnsupportedPayload(ZipError, TypeError):
     """A value that zipcomm cannot send (only msgpack types, numpy arrays, bytes and
     lists/tuples/dicts of them are allowed; nothing is ever pickled)."""
+
+
+# --- shared-memory ring buffer (zipcomm.ring) --------------------------------
+
+
+class RingError(ZipError):
+    """Base class of the errors of a shared-memory ring (:mod:`zipcomm.ring`)."""
+
+
+class InvalidRingMemory(RingError, ValueError):
+    """The memory given for a ring is unusable: read-only, not contiguous, not 8-byte
+    aligned, or too small (for any ring, or for the ring it holds)."""
+
+
+class RingCorrupt(RingError):
+    """The ring's memory does not hold a valid ring: bad magic, unsupported version,
+    inconsistent header, positions or record lengths (garbage, or a misbehaving peer)."""
+
+
+class RecordTooLarge(RingError, ValueError):
+    """A record is larger than the ring's maximum record size; it could never be pushed."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"record of {size} bytes exceeds the ring's maximum record of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class BufferTooSmall(RingError, ValueError):
+    """``pop_into()`` was given a buffer smaller than the next record (which stays in the ring)."""
+
+    def __init__(self, needed: int, size: int) -> None:
+        super().__init__(f"the next record has {needed} bytes but the buffer holds only {size}")
+        self.needed = needed
+        self.size = size
+
+
+class RingFull(RingError, ZipTimeout):
+    """``push_wait()``: the ring stayed too full for the record until the deadline."""
+
+
+class RingEmpty(RingError, ZipTimeout):
+    """``pop_wait()``: the ring stayed empty until the deadline."""
+
+
+class RingClosed(RingError):
+    """The ring handle was closed; it no longer refers to the memory."""
+
+
+# --- shared-memory arena (zipcomm.shm) ---------------------------------------
+
+
+class ArenaError(ZipError):
+    """Base class of the errors of the daemon's shared-memory arena (:mod:`zipcomm.shm`);
+    raised as such for a misuse: double free, unknown offset, closed arena."""
+
+
+class ArenaUnavailable(ArenaError):
+    """A segment could not be created: /dev/shm is full or missing, permission denied, or
+    out of memory. The :class:`OSError` is the ``__cause__``; nothing is left behind."""
+
+
+class ArenaFull(ArenaError):
+    """No free range of the requested size right now (the arena may just be fragmented)."""
+
+    def __init__(self, requested: int, largest_free: int, free_bytes: int) -> None:
+        super().__init__(
+            f"no free range of {requested} bytes in the arena "
+            f"(largest free range {largest_free} bytes, {free_bytes} bytes free in all)"
+        )
+        self.requested = requested
+        self.largest_free = largest_free
+        self.free_bytes = free_bytes
+
+
+class ArenaAttachError(ArenaError):
+    """A member cannot attach to a segment: missing, wrong size, not a zipcomm segment name,
+    open to other users, or permission denied (the :class:`OSError` is the ``__cause__``)."""
