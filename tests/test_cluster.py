@@ -11,9 +11,14 @@ from zipcomm.testing.cluster import Cluster
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(180)]
 
+# Every test of the channel semantics runs twice: members linked directly, and members
+# behind 3 host daemons (loopback, one host id each) that form the channel trees.
+with_daemons = pytest.mark.parametrize("daemons", [0, 3], ids=["direct", "daemons"])
 
-async def test_broadcast_order_late_joiner_and_early_sends() -> None:
-    async with Cluster(8) as c:
+
+@with_daemons
+async def test_broadcast_order_late_joiner_and_early_sends(daemons: int) -> None:
+    async with Cluster(8, daemons=daemons) as c:
         first, late = c.members[:7], c.members[7]
         for mm in first:
             await mm.call("join", kind="broadcast", name="b")
@@ -33,8 +38,9 @@ async def test_broadcast_order_late_joiner_and_early_sends() -> None:
                 assert await mm.call("receive", name="b", count=2) == [100, 101]
 
 
-async def test_allreduce_exact_with_8_processes() -> None:
-    async with Cluster(8) as c:
+@with_daemons
+async def test_allreduce_exact_with_8_processes(daemons: int) -> None:
+    async with Cluster(8, daemons=daemons) as c:
         places = await c.join_all("reduce", "r")
         ids = [p["member"] for p in places]
         results = await asyncio.gather(
@@ -46,8 +52,9 @@ async def test_allreduce_exact_with_8_processes() -> None:
                 assert sorted(rnd["contributors"]) == sorted(ids)
 
 
-async def test_shuffle_with_8_processes() -> None:
-    async with Cluster(8) as c:
+@with_daemons
+async def test_shuffle_with_8_processes(daemons: int) -> None:
+    async with Cluster(8, daemons=daemons) as c:
         places = await c.join_all("shuffle", "s")
         order = sorted(p["member"] for p in places)
         results = await asyncio.gather(
@@ -76,11 +83,16 @@ async def _after(first: asyncio.Future, member, cmd: str, **args):
 
 
 def _interior(places: list[dict]) -> int:
+    """A member with children (an interior tree node); behind daemons, where the
+    daemons form the tree, a member in the middle of the list."""
+    if places[0]["daemon"] is not None:
+        return len(places) // 2
     return next(i for i, p in enumerate(places) if p["children"] and not p["root"])
 
 
-async def test_sigkill_interior_mid_broadcast() -> None:
-    async with Cluster(9) as c:
+@with_daemons
+async def test_sigkill_interior_mid_broadcast(daemons: int) -> None:
+    async with Cluster(9, daemons=daemons) as c:
         await c.join_all("broadcast", "b")
         places = await c.places("b")
         victim = _interior(places)
@@ -99,8 +111,9 @@ async def test_sigkill_interior_mid_broadcast() -> None:
 
 
 
-async def test_sigkill_interior_mid_reduce_is_exact() -> None:
-    async with Cluster(9) as c:
+@with_daemons
+async def test_sigkill_interior_mid_reduce_is_exact(daemons: int) -> None:
+    async with Cluster(9, daemons=daemons) as c:
         await c.join_all("reduce", "r")
         places = await c.places("r")
         ids = [p["member"] for p in places]
@@ -123,8 +136,9 @@ async def test_sigkill_interior_mid_reduce_is_exact() -> None:
             assert {ids[i] for i in survivors} <= counted, "a live contributor was dropped"
 
 
-async def test_sigkill_interior_mid_shuffle() -> None:
-    async with Cluster(9) as c:
+@with_daemons
+async def test_sigkill_interior_mid_shuffle(daemons: int) -> None:
+    async with Cluster(9, daemons=daemons) as c:
         await c.join_all("shuffle", "s")
         places = await c.places("s")
         victim = _interior(places)

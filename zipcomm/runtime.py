@@ -91,14 +91,19 @@ class Runtime:
         controller: str,
         *,
         secret: bytes | None = None,
-        listen_host: str = "127.0.0.1",
+        listen_host: str | None = None,
         host_id: str | None = None,
         connect_timeout: float = 10.0,
+        daemon: str | None = None,
     ) -> None:
         self.controller_address = controller
         self.secret = secret if secret is not None else load_secret()
-        self.listen_host = listen_host
-        self.host_id = host_id or socket.gethostname()
+        self.listen_host = listen_host or os.environ.get("ZIPCOMM_LISTEN_HOST") or "127.0.0.1"
+        self.host_id = host_id or os.environ.get("ZIPCOMM_HOST_ID") or socket.gethostname()
+        # The host daemon's Unix socket ("" = none): broadcast and reduce go through it.
+        self.daemon_path = daemon if daemon is not None else os.environ.get("ZIPCOMM_DAEMON", "")
+        self.daemon = None
+        self._locals: dict[str, Any] = {}
         self.member_id = random.SystemRandom().getrandbits(62) | (1 << 62)
         self.connect_timeout = connect_timeout
         self.address = ""
@@ -122,6 +127,18 @@ class Runtime:
         self.address = self._server.address
         await self._open_session(deadline=self.connect_timeout)
         self._spawn(self._session_loop(), "controller-session")
+        if self.daemon_path:
+            from .daemon.client import DaemonClient
+
+            try:
+                self.daemon = await DaemonClient.open(self, self.daemon_path)
+            except (OSError, ConnectionClosed, ProtocolError, TimeoutError) as exc:
+                log.warning("host daemon at %s unavailable (%s): using direct links", self.daemon_path, exc)
+            else:
+                if self.daemon.attachment is None:  # no shared memory there: it would only add a hop
+                    log.warning("host daemon at %s has no shared memory: using direct links", self.daemon_path)
+                    await self.daemon.aclose()
+                    self.daemon = None
         return self
 
     async def aclose(self) -> None:
@@ -135,6 +152,13 @@ class Runtime:
             _, late = await asyncio.wait(connecting, timeout=5.0)
             for waiter in late:
                 waiter.cancel()
+        for handle in list(self._locals.values()):
+            try:
+                await handle.aclose()
+            except Exception:
+                log.debug("leave of %s failed", handle.name, exc_info=True)
+        if self.daemon is not None:
+            await self.daemon.aclose()
         # What we sent or forwarded reaches the peers before we leave: a child may hold
         # the only copy of a broadcast we sequenced, once we are gone.
         await self.quiesce()
@@ -224,13 +248,46 @@ class Runtime:
     async def broadcast_channel(self, name: str, *, queue_size: int = 64, timeout: float | None = 30.0):
         from .channels.broadcast import BroadcastChannel
 
+        if self._use_daemon(name):
+            from .daemon.client import LocalBroadcast
+
+            return await self._join_local(LocalBroadcast(self.daemon, name, queue_size), timeout)
         return await self._join(BroadcastChannel(self, name, queue_size=queue_size), timeout)
 
     async def reduce_channel(self, name: str, reduce_f: Any = None, handler: Any = None,
                              *, timeout: float | None = 30.0):
         from .channels.reduce import ReduceChannel
+        from .ops import reduce_name, resolve_reduce
 
+        if reduce_f is not None:
+            reduce_f = resolve_reduce(reduce_f)
+        if self._use_daemon(name) and reduce_name(reduce_f):  # the daemon runs only built-ins
+            from .daemon.client import LocalReduce
+
+            return await self._join_local(LocalReduce(self.daemon, name, reduce_f, handler), timeout)
         return await self._join(ReduceChannel(self, name, reduce_f=reduce_f, handler=handler), timeout)
+
+    def _use_daemon(self, name: str) -> bool:
+        if self._closing:
+            raise ChannelClosed("runtime closed")
+        if name in self.channels or name in self._locals:
+            raise MembershipError("this process already holds a handle to the channel", channel=name)
+        return self.daemon is not None and not self.daemon.lost
+
+    async def _join_local(self, handle: Any, timeout: float | None):
+        self._locals[handle.name] = handle
+        try:
+            async with asyncio.timeout(timeout):
+                return await handle.join()
+        except BaseException as exc:
+            self._locals.pop(handle.name, None)
+            if isinstance(exc, TimeoutError):
+                raise ZipTimeout(f"joining channel {handle.name!r} timed out after {timeout}s") from None
+            raise
+
+    def _forget_local(self, handle: Any) -> None:
+        if self._locals.get(handle.name) is handle:
+            del self._locals[handle.name]
 
     async def shuffle_channel(self, name: str, role: str = "both", *, timeout: float | None = 30.0):
         from .channels.shuffle import ShuffleChannel

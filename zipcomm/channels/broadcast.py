@@ -33,24 +33,35 @@ class BroadcastChannel(ChannelCore):
             raise ValueError("queue_size must be at least 1")
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=queue_size)
         self._msg_ids = itertools.count(1)
-        self._acks: dict[int, asyncio.Future] = {}
+        self._acks: dict[tuple[int, int], asyncio.Future] = {}
         self._root: list | None = None
         self._root_lost = asyncio.Event()
 
+    def resume(self, last_key: tuple, next_msg_id: int = 1, history=(),  # type: ignore[override]
+               last_msg: dict | None = None) -> None:
+        super().resume(last_key, history)
+        self._msg_ids = itertools.count(next_msg_id)
+        self.last_msg.update(last_msg or {})
+
     async def send(self, data: Any, *, timeout: float | None = 30.0) -> None:
         """Broadcast ``data`` to every other member of the channel."""
+        await self.send_as(self.me, next(self._msg_ids), data, timeout=timeout)
+
+    async def send_as(self, origin: int, msg_id: int, data: Any, *, timeout: float | None = 30.0,
+                      owned: bool = False) -> None:
+        """Broadcast on behalf of ``origin`` (this member, or a local member of a daemon);
+        ``owned``: ``data`` is ours already (no private copy is taken)."""
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} closed")
-        msg_id = next(self._msg_ids)
-        submit = m.Submit(channel=self.name, origin=self.me, msg_id=msg_id, data=data)
+        submit = m.Submit(channel=self.name, origin=origin, msg_id=msg_id, data=data)
         submit.to_frame()  # refuse an unsupported payload here, at the sender
         ack = asyncio.get_running_loop().create_future()
-        self._acks[msg_id] = ack
+        self._acks[(origin, msg_id)] = ack
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     self._root_lost = asyncio.Event()
-                    await self._submit(submit)
+                    await self._submit(submit, owned)
                     lost = asyncio.ensure_future(self._root_lost.wait())
                     try:
                         done, _ = await asyncio.wait([ack, lost], timeout=RESUBMIT_AFTER,
@@ -60,33 +71,35 @@ class BroadcastChannel(ChannelCore):
                     if ack in done:
                         ack.result()
                         return
+                    if self.last_msg.get(origin, -1) >= msg_id:
+                        return  # in the stream already (its echo passed before we waited)
                     self._root = None  # no echo yet: the root may have changed
         except TimeoutError:
             raise CollectiveTimeout(
                 "broadcast not delivered", channel=self.name, epoch=self.epoch, round=msg_id
             ) from None
         finally:
-            self._acks.pop(msg_id, None)
+            self._acks.pop((origin, msg_id), None)
 
-    async def _submit(self, submit: m.Submit) -> None:
+    async def _submit(self, submit: m.Submit, owned: bool = False) -> None:
         if self.is_root:
-            self._submit_here(submit)
+            self._submit_here(submit, owned)
             return
         if self._root is None:
             info = await self.rt.request(m.LookupRoot, channel=self.name)
             self._root = info["root"]
         root = self._root
         if root[0] == self.me:
-            self._submit_here(submit)
+            self._submit_here(submit, owned)
             return
         self.rt.send_to(root[0], root[1], submit)
         await self.rt.drain_to(root[0])
 
-    def _submit_here(self, submit: m.Submit) -> None:
+    def _submit_here(self, submit: m.Submit, owned: bool = False) -> None:
         # The stream keeps the data after send() returns (sockets, repair history): it
         # must be ours, not the caller's buffer. A remote root receives its own copy.
         self.on_submit(m.Submit(channel=submit.channel, origin=submit.origin, msg_id=submit.msg_id,
-                                data=snapshot_payload(submit.data)))
+                                data=submit.data if owned else snapshot_payload(submit.data)))
 
     async def receive(self, *, timeout: float | None = None) -> Any:
         """The next broadcast sent by another member (in the channel's order)."""
@@ -115,13 +128,17 @@ class BroadcastChannel(ChannelCore):
     async def on_item(self, item: m.Item) -> None:
         if item.kind != "b":
             return
-        origin = item.meta["origin"]
-        if origin == self.me:
-            ack = self._acks.get(item.meta["msg_id"])
-            if ack is not None and not ack.done():
-                ack.set_result(None)
+        if self._ack(item):
             return
         await self._queue.put(freeze(item.data))
+
+    def _ack(self, item: m.Item) -> bool:
+        """Resolve the send() waiting for ``item``; True if it is our own broadcast."""
+        origin = item.meta["origin"]
+        ack = self._acks.get((origin, item.meta["msg_id"]))
+        if ack is not None and not ack.done():
+            ack.set_result(None)
+        return origin == self.me
 
     def on_peer_lost(self, member: int) -> None:
         if self._root is not None and self._root[0] == member:

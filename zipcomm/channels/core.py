@@ -21,7 +21,7 @@ import asyncio
 import collections
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import ChannelClosed, MembershipError
 from ..protocol import messages as m
@@ -99,6 +99,17 @@ class ChannelCore:
         self.changed = asyncio.Event()  # pulsed on every state change a waiter may care about
 
     # -- lifecycle -----------------------------------------------------------
+
+    def resume(self, last_key: tuple, history: Iterable[m.Item] = ()) -> None:
+        """Before joining: this member already has the stream up to ``last_key`` (it
+        received it through its host daemon, with the ``history`` that came before);
+        it links as a returning member: it gets what follows from its parent's
+        history, and serves its own to children that are behind."""
+        self.fresh = False
+        self.last_key = tuple(last_key)  # type: ignore[assignment]
+        for item in history:
+            self.history.append(item)
+            self.history_bytes += _payload_size(item.data)
 
     async def aclose(self, graceful: bool = True) -> None:
         if self.closed:

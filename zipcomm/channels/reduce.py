@@ -32,6 +32,7 @@ _NOTHING = object()
 @dataclass(slots=True)
 class _Round:
     own: Any = _NOTHING
+    own_ids: list | None = None  # who ``own`` covers (None: this member alone)
     own_set: bool = False
     allreduce: bool = False
     wants: list = field(default_factory=list)
@@ -55,6 +56,9 @@ class ReduceChannel(ChannelCore):
         self.rounds: dict[int, _Round] = {}
         self.retained: dict[int, list[m.Piece]] = {}
         self._waiters: dict[int, asyncio.Future] = {}
+        # Whether our own values are the caller's (never combined in place): a daemon
+        # hands over arena ranges it owns, which it may overwrite.
+        self._own_is_callers = True
 
     # -- API -----------------------------------------------------------------
 
@@ -86,17 +90,7 @@ class ReduceChannel(ChannelCore):
             raise ChannelClosed(f"channel {self.name!r} closed")
         if data is not _NOTHING:
             data = snapshot_payload(data)  # refuses bad payloads here; the caller may reuse its buffer
-        r = self.next_round
-        self.next_round += 1
-        rnd = self.rounds.setdefault(r, _Round())
-        rnd.own, rnd.own_set, rnd.allreduce = data, True, allreduce
-        fut = None
-        if want:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters[r] = fut
-            if not allreduce:
-                rnd.wants.append([self.me, self.rt.address])
-        self.progress()
+        r, fut = self.start_round(data, allreduce=allreduce, want=want)
         if fut is None:
             if self.parent is not None:
                 await self.rt.drain_to(self.parent[0])
@@ -108,6 +102,43 @@ class ReduceChannel(ChannelCore):
                                     round=r, missing=self._missing(r)) from None
         finally:
             self._waiters.pop(r, None)
+
+    def start_round(self, data: Any = _NOTHING, *, ids: list | None = None, allreduce: bool = False,
+                    want: bool = False) -> tuple[int, asyncio.Future | None]:
+        """Take part in the next round without waiting: ``data`` (ours from now on, may be
+        combined in place) covers the contributors ``ids`` (default: this member). Returns
+        the round and, if ``want`` or ``allreduce``, a future of ``(value, contributors)``."""
+        r = self.next_round
+        self.next_round += 1
+        rnd = self.rounds.setdefault(r, _Round())
+        rnd.own, rnd.own_set, rnd.allreduce = data, True, allreduce
+        rnd.own_ids = list(ids) if ids is not None else None
+        fut = None
+        if want or allreduce:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters[r] = fut
+            if not allreduce:
+                rnd.wants.append([self.me, self.rt.address])
+        self.progress()
+        return r, fut
+
+    def resume(self, next_round: int, given: dict, waiters: dict,  # type: ignore[override]
+               last_key: tuple = (0, 0), history=()) -> None:
+        """Before joining, after the host daemon that stood for this member died: the
+        rounds in ``given`` (round -> (value, allreduce, want)) have no result here
+        yet; their values go up again as late pieces (the root counts each member
+        once or not at all), and ``waiters`` get those rounds' results."""
+        super().resume(last_key, history)
+        self.next_round = next_round
+        self._sent_up_to = next_round - 1
+        self.done_up_to = (min(given) if given else next_round) - 1
+        for r, (value, allreduce, want) in sorted(given.items()):
+            has = value is not _NOTHING
+            wants = [[self.me, self.rt.address]] if want and not allreduce else []
+            self.retained[r] = [m.Piece(channel=self.name, round=r, contributors=[self.me] if has else [],
+                                        wants=wants, late=True, allreduce=allreduce, fn=self.fn_name,
+                                        data=value if has else None)]
+        self._waiters.update(waiters)
 
     async def aclose(self, graceful: bool = True, *, timeout: float = 10.0) -> None:
         """Leave the channel. A graceful leave first waits (up to ``timeout``) until
@@ -217,14 +248,14 @@ class ReduceChannel(ChannelCore):
         allreduce = rnd.allreduce
         if rnd.own is not _NOTHING:
             values.append(rnd.own)
-            contributors.append(self.me)
+            contributors.extend(rnd.own_ids if rnd.own_ids is not None else [self.me])
         for piece in rnd.first.values():
             if piece.contributors:
                 values.append(piece.data)
                 contributors.extend(piece.contributors)
             wants.extend(piece.wants)
             allreduce = allreduce or piece.allreduce
-        own_first = bool(values) and rnd.own is not _NOTHING
+        own_first = bool(values) and rnd.own is not _NOTHING and self._own_is_callers
         piece = m.Piece(channel=self.name, round=r, contributors=sorted(contributors), wants=wants,
                         late=False, allreduce=allreduce, fn=self.fn_name,
                         data=self._combine(values, own_first))
@@ -236,8 +267,11 @@ class ReduceChannel(ChannelCore):
 
     def _complete(self, r: int, rnd: _Round) -> None:
         pieces: list[m.Piece] = list(rnd.first.values()) + list(rnd.late)
+        own_piece = None
         if rnd.own is not _NOTHING:
-            pieces.append(m.Piece(channel=self.name, round=r, contributors=[self.me], data=rnd.own))
+            own_piece = m.Piece(channel=self.name, round=r, data=rnd.own,
+                                contributors=rnd.own_ids if rnd.own_ids is not None else [self.me])
+            pieces.append(own_piece)
         # Largest first: in a laminar family that keeps the maximal disjoint cover.
         pieces.sort(key=lambda p: len(p.contributors), reverse=True)
         covered: set[int] = set()
@@ -257,7 +291,7 @@ class ReduceChannel(ChannelCore):
                 continue
             covered |= ids
             values.append(piece.data)
-            own_first = own_first or (len(values) == 1 and piece.contributors == [self.me] and rnd.own is not _NOTHING)
+            own_first = own_first or (len(values) == 1 and piece is own_piece and self._own_is_callers)
         value = self._combine(values, own_first)
         ids = sorted(covered)
         log.debug("%x %s round %d complete: %d contributors from %d pieces", self.me, self.name, r, len(ids), len(pieces))

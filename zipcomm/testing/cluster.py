@@ -60,11 +60,59 @@ class ControllerProcess:
                 await self.proc.wait()
 
 
+class DaemonProcess:
+    """A host daemon (``python -m zipcomm.daemon``) with its own socket and host id."""
+
+    def __init__(self, index: int, workdir: str, *extra: str, shm_size: str = "256M") -> None:
+        self.index = index
+        self.host_id = f"h{index}"
+        self.socket = os.path.join(workdir, f"daemon-{index}.sock")
+        self.extra = ["--shm-size", shm_size, *extra]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, controller: str) -> None:
+        ready = self.socket + ".ready"
+        if os.path.exists(ready):
+            os.unlink(ready)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "zipcomm.daemon", "--controller", controller, "--socket", self.socket,
+            "--host-id", self.host_id, "--ready-file", ready, *self.extra, stdout=asyncio.subprocess.DEVNULL,
+        )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + DEADLINE
+        while not os.path.exists(ready):  # poll a predicate under a deadline
+            if self.proc.returncode is not None or loop.time() > give_up:
+                raise RuntimeError(f"daemon {self.index} did not start (exit code {self.proc.returncode})")
+            await asyncio.sleep(0.01)
+
+    def env(self) -> dict:
+        return {"ZIPCOMM_DAEMON": self.socket, "ZIPCOMM_HOST_ID": self.host_id}
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        # A daemon killed by a test leaves its segment behind (only its successor or a
+        # sweep may remove it): sweep, as the next daemon on this socket would.
+        from ..shm import sweep
+
+        sweep(self.socket + ".segments")
+
+
 class MemberProcess:
     """One scripted member (``python -m zipcomm.testing.member``)."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, env: dict | None = None) -> None:
         self.index = index
+        self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.member_id = 0
         self._ids = itertools.count(1)
@@ -77,6 +125,7 @@ class MemberProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "zipcomm.testing.member", controller,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_fd,
+                env=dict(os.environ, **self.env) if self.env else None,
             )
         finally:
             if log_fd is not None:
@@ -138,15 +187,25 @@ class MemberProcess:
 
 
 class Cluster:
-    """``async with Cluster(8) as c``: a controller and ``n`` member processes."""
+    """``async with Cluster(8) as c``: a controller and ``n`` member processes.
 
-    def __init__(self, n: int, *controller_args: str) -> None:
+    ``daemons=k`` also starts k host daemons (each its own host id, all on loopback)
+    and gives member i the daemon ``i % k``."""
+
+    def __init__(self, n: int, *controller_args: str, daemons: int = 0) -> None:
         self.controller = ControllerProcess(*controller_args)
-        self.members = [MemberProcess(i) for i in range(n)]
+        self._tmp = tempfile.TemporaryDirectory(prefix="zipcomm-cluster-")
+        self.daemons = [DaemonProcess(i, self._tmp.name) for i in range(daemons)]
+        self.members = [MemberProcess(i, self.daemons[i % daemons].env() if daemons else None) for i in range(n)]
+
+    def daemon_of(self, member: MemberProcess) -> DaemonProcess:
+        return self.daemons[member.index % len(self.daemons)]
 
     async def __aenter__(self) -> Cluster:
         address = await self.controller.start()
         try:
+            for daemon in self.daemons:  # in order: the first is the first tree member, the root
+                await daemon.start(address)
             await asyncio.gather(*(mm.start(address) for mm in self.members))
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -155,13 +214,18 @@ class Cluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.gather(*(mm.stop() for mm in self.members), return_exceptions=True)
+        await asyncio.gather(*(dm.stop() for dm in self.daemons), return_exceptions=True)
         await self.controller.stop()
+        self._tmp.cleanup()
 
     async def join_all(self, kind: str, name: str, role: str = "both") -> list[dict]:
         """Join one member after another (a deterministic tree), return their places."""
         places = []
         for mm in self.members:
-            places.append(await mm.call("join", kind=kind, name=name, role=role))
+            place = await mm.call("join", kind=kind, name=name, role=role)
+            if self.daemons and kind != "shuffle" and place["daemon"] is None:
+                raise RuntimeError(f"member {mm.index} joined {name!r} without its daemon")
+            places.append(place)
         return places
 
     async def places(self, name: str, members=None) -> list[dict]:

@@ -81,8 +81,12 @@ class Member:
 
     async def do_where(self, name: str) -> dict:
         core = self.handles[name]
+        assert self.rt is not None
+        if not hasattr(core, "children"):  # through the host daemon, which is the tree member
+            return {"member": self.rt.member_id, "root": False, "children": 0, "depth": -1, "epoch": -1,
+                    "daemon": core.client.daemon, "fallen_back": core.direct is not None}
         return {"member": core.me, "root": core.is_root, "children": len(core.children),
-                "depth": core.depth, "epoch": core.epoch}
+                "depth": core.depth, "epoch": core.epoch, "daemon": None, "fallen_back": False}
 
     async def do_leave(self, name: str) -> None:
         await self.handles.pop(name).aclose()
@@ -100,6 +104,18 @@ class Member:
                 raise AssertionError("corrupted broadcast payload")
             got.append(int(arr[0]))
         return got
+
+    async def do_receive_check(self, name: str, timeout: float = 30) -> dict:
+        """Receive one array and describe it: contents, whether it is read-only, and
+        whether its bytes lie inside the host daemon's shared-memory segment."""
+        assert self.rt is not None
+        arr = await self.handles[name].receive(timeout=timeout)
+        addr = arr.__array_interface__["data"][0]
+        att = self.rt.daemon.attachment if self.rt.daemon is not None else None
+        in_arena = att is not None and att.address <= addr and addr + arr.nbytes <= att.address + att.size
+        return {"first": int(arr[0]), "all_same": bool((arr == arr[0]).all()), "nbytes": int(arr.nbytes),
+                "readonly": not arr.flags.writeable, "in_arena": bool(in_arena),
+                "arena": att.name if att is not None else None}
 
     async def do_allreduce(self, name: str, index: int, width: int, rounds: int = 1,
                            timeout: float = 30) -> list[dict]:
