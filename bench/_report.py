@@ -5,10 +5,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+
+BASELINE = "zipcomm"  # the ratios are BASELINE's median over each peer's
+UNAVAILABLE = "backend unavailable"
 
 
 def records(stdout: bytes) -> list[dict]:
@@ -78,26 +79,36 @@ def summarize(cell: dict, outputs: list[tuple], failed: list[int], failure: str)
 def fmt_ms(cell: dict | None) -> str:
     if cell is None:
         return "-"
-    return "FAIL" if cell["status"] != "ok" else f"{cell['median_ms']:.3f}"
+    if cell["status"] == "ok":
+        return f"{cell['median_ms']:.3f}"
+    return "n/a" if (cell["error"] or "").startswith(UNAVAILABLE) else "FAIL"
 
 
-def ratio(cells: dict, key: tuple) -> float | None:
-    zc, rd = cells.get(key + ("zipcomm",)), cells.get(key + ("redis",))
-    if zc and rd and zc["status"] == rd["status"] == "ok" and rd["median_ms"] > 0:
-        return zc["median_ms"] / rd["median_ms"]
+def peers(backends: list[str]) -> list[str]:
+    """The backends BASELINE is compared with (none if BASELINE is not selected)."""
+    return [b for b in backends if b != BASELINE] if BASELINE in backends else []
+
+
+def ratio(cells: dict, key: tuple, peer: str) -> float | None:
+    """BASELINE's median / ``peer``'s median for the cell ``key`` = (op, size, n)."""
+    zc, other = cells.get(key + (BASELINE,)), cells.get(key + (peer,))
+    if zc and other and zc["status"] == other["status"] == "ok" and other["median_ms"] > 0:
+        return zc["median_ms"] / other["median_ms"]
     return None
 
 
 def table(cells: list[dict], backends: list[str]) -> str:
+    """Median ms of every backend per (op, size, n), then BASELINE/peer for every peer."""
     index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in cells}
     keys = list(dict.fromkeys((c["op"], c["size"], c["n"]) for c in cells))
-    head = ["op", "size", "n"] + [f"{b} ms" for b in backends] + ["zipcomm/redis"]
+    head = (["op", "size", "n"] + [f"{b} ms" for b in backends]
+            + [f"{BASELINE}/{p}" for p in peers(backends)])
     rows = [head]
     for key in keys:
-        r = ratio(index, key)
+        ratios = [ratio(index, key, p) for p in peers(backends)]
         rows.append([key[0], key[1], str(key[2])]
                     + [fmt_ms(index.get(key + (b,))) for b in backends]
-                    + ["n/a" if r is None else f"{r:.3f}"])
+                    + ["n/a" if r is None else f"{r:.3f}" for r in ratios])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in
                        enumerate(zip(row, widths))) for row in rows]
@@ -113,23 +124,20 @@ def table(cells: list[dict], backends: list[str]) -> str:
     for (backend, error), group in failures.items():
         where = ", ".join(f"{c['op']} {c['size']} n={c['n']}" for c in group[:4])
         more = f" (+{len(group) - 4} more)" if len(group) > 4 else ""
-        kind = "" if error.startswith("WARNING") else "FAILED "
+        kind = ("" if error.startswith("WARNING") else
+                "SKIPPED " if error.startswith(UNAVAILABLE) else "FAILED ")
         lines.append(f"{kind}{backend} [{where}{more}]: {error}")
     return "\n".join(lines)
 
 
-def machine_info(loop: str, redis: Any) -> dict:
+def machine_info(loop: str) -> dict:
+    """The host and the common packages (bench/comm.py adds each backend's ``info()``)."""
     import msgpack
     import numpy
     info = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "python": sys.version, "implementation": platform.python_implementation(),
             "platform": platform.platform(), "machine": platform.machine(), "loop": loop,
             "numpy": numpy.__version__, "msgpack": ".".join(map(str, msgpack.version))}
-    try:
-        import redis as redis_py
-        info["redis_py"] = redis_py.__version__
-    except ImportError:
-        pass
     for path, field, key in (("/proc/cpuinfo", "model name", "cpu_model"),
                              ("/proc/meminfo", "MemTotal", "mem_total")):
         try:
@@ -139,9 +147,4 @@ def machine_info(loop: str, redis: Any) -> dict:
                     break
         except OSError:
             pass
-    if redis is not None:
-        try:
-            info["redis_server"] = redis.version()
-        except (OSError, subprocess.SubprocessError) as exc:
-            info["redis_server"] = f"unknown ({exc})"
     return info

@@ -17,9 +17,9 @@ class ServiceError(RuntimeError):
     """A server could not be started."""
 
 
-def child_env() -> dict[str, str]:
-    """Environment for child processes: the repository first on PYTHONPATH."""
-    env = dict(os.environ)
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for child processes: the repository first on PYTHONPATH, plus ``extra``."""
+    env = dict(os.environ, **(extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 

@@ -1,5 +1,8 @@
 """One rank of one bench/comm.py cell: ``python -m bench._worker '<json config>'``.
 
+The config names the backend's adapter class (``"worker": "module:Class"``, a
+:class:`WorkerBackend`; see bench/_backends.py) and this process's ``rank``, or ``"rank": null``
+and ``"rank_env"``: the environment variable in which a launcher such as mpirun passes the rank.
 Sets up the backend, joins, runs one verified warm-up round and ``reps`` verified timed rounds
 of one operation, and prints JSON lines on stdout (flushed as they happen):
 
@@ -10,6 +13,9 @@ of one operation, and prints JSON lines on stdout (flushed as they happen):
 * ``{"type": "done", "rank"}`` at the end, or ``{"type": "error", "rank", "phase", "error"}``
   (exit code 2) or ``{"type": "unavailable", "rank", "error"}`` (exit code 3).
 
+Backends whose calls block (mpi, gloo) run them from the same ``async`` round loop; nothing else
+runs on the event loop then, so a blocking call costs nothing extra.
+
 Inputs are built and results checked outside the timed section: broadcast payloads must arrive
 bit-exact, reduce results must equal the closed-form sum of all contributions, and a shuffle
 output must hold exactly the items of all ranks' inputs that hash to this rank.
@@ -17,6 +23,7 @@ output must hold exactly the items of all ranks' inputs that hash to this rank.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -55,10 +62,56 @@ class Deadline:
         return remaining
 
 
-class RedisBackend:
-    def __init__(self, cfg: dict, dl: Deadline) -> None:
-        self.cfg, self.dl, self.rank = cfg, dl, cfg["rank"]
+class WorkerBackend:
+    """One rank's side of a backend: the operations the round loop (:func:`run`) calls.
 
+    ``broadcast`` gets the payload on every rank (only the root's is sent) and returns what this
+    rank holds afterwards; ``reduce`` returns the sum at rank 0 and None elsewhere; ``allreduce``
+    the sum everywhere; ``shuffle`` the items hashing to this rank's class.  The input array is
+    built anew for every round: reduce and allreduce may overwrite it (gloo sums in place) and
+    return it, but a broadcast receiver must return what it received, not the payload it got
+    (the check compares the two).
+    """
+
+    #: True if rank r always receives the shuffle items with ``item % n == r``; False if the
+    #: classes are dealt out by the backend (zipcomm: by membership), then the check only asks
+    #: that every class went to exactly one rank.
+    shuffle_class_is_rank = True
+
+    def __init__(self, cfg: dict, dl: Deadline) -> None:
+        self.cfg, self.dl, self.rank, self.n = cfg, dl, cfg["rank"], cfg["n"]
+
+    async def open(self) -> None:
+        """Connect / join; raise :class:`Unavailable` if the backend's package is missing."""
+
+    async def barrier(self) -> None:
+        raise NotImplementedError
+
+    async def broadcast(self, payload: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    async def reduce(self, x: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    async def allreduce(self, x: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    async def shuffle(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Leave after every round ran and verified."""
+
+    async def close_after_error(self) -> None:
+        """Best-effort clean-up after an error (the error is reported afterwards)."""
+        await asyncio.wait_for(self.close(), timeout=10)
+
+    def abort(self) -> None:
+        """Called after the error was reported, just before this rank exits: stop the other
+        ranks too if the launcher does not (mpirun's ranks: MPI_Abort)."""
+
+
+class RedisBackend(WorkerBackend):
     async def open(self) -> None:
         from bench.redis_backend import RedisComm
         self.comm = RedisComm(self.cfg["redis_url"], self.rank, self.cfg["n"], self.cfg["prefix"],
@@ -87,11 +140,13 @@ class RedisBackend:
             await self.comm.aclose()
 
 
-class ZipcommBackend:
+class ZipcommBackend(WorkerBackend):
     """Written against zipcomm's public async API (DESIGN.md 3.4)."""
 
+    shuffle_class_is_rank = False  # the shuffle root deals out the classes by membership
+
     def __init__(self, cfg: dict, dl: Deadline) -> None:
-        self.cfg, self.dl, self.rank, self.n = cfg, dl, cfg["rank"], cfg["n"]
+        super().__init__(cfg, dl)
         self.rt = None
         self.num_lambdas: int | None = None
 
@@ -156,7 +211,15 @@ class ZipcommBackend:
             await self.rt.aclose()
 
 
-BACKENDS = {"redis": RedisBackend, "zipcomm": ZipcommBackend}
+def backend_class(path: str) -> type[WorkerBackend]:
+    """``"module:Class"`` -> the class (the config names the adapter: bench/_backends.py)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def payload_items(cfg: dict) -> int:
+    """int64 items of a broadcast / reduce / allreduce payload: at least ``size_bytes`` bytes."""
+    return max(1, math.ceil(cfg["size_bytes"] / 8))
 
 
 def shuffle_input(seed: int, src: int, rnd: int, items: int) -> np.ndarray:
@@ -175,7 +238,8 @@ def check_array(got: Any, want: np.ndarray, what: str) -> None:
                           f"expected {want.reshape(-1)[bad]}")
 
 
-def verify(cfg: dict, rnd: int, x: np.ndarray, tag: int, res: Any) -> int | None:
+def verify(cfg: dict, rnd: int, x: np.ndarray, tag: int, res: Any,
+           class_is_rank: bool = True) -> int | None:
     """Raise WrongResult unless ``res`` is right; return the shuffle class received."""
     op, n, rank = cfg["op"], cfg["n"], cfg["rank"]
     what = f"{op} round {rnd} rank {rank}"
@@ -188,7 +252,7 @@ def verify(cfg: dict, rnd: int, x: np.ndarray, tag: int, res: Any) -> int | None
         raise WrongResult(f"{what}: non-root reduce returned {type(res).__name__}, expected None")
     elif op == "shuffle":
         res = np.asarray(res)
-        cls = rank if cfg["backend"] == "redis" or res.size == 0 else int(res[0] % n)
+        cls = rank if class_is_rank or res.size == 0 else int(res[0] % n)
         if res.size and np.any(res % n != cls):
             raise WrongResult(f"{what}: received items of several hash classes")
         inputs = [shuffle_input(cfg["seed"], src, rnd, cfg["shuffle_items"]) for src in range(n)]
@@ -199,12 +263,13 @@ def verify(cfg: dict, rnd: int, x: np.ndarray, tag: int, res: Any) -> int | None
 
 
 async def run(cfg: dict, dl: Deadline, state: dict) -> None:
-    backend = BACKENDS[cfg["backend"]](cfg, dl)
+    backend = backend_class(cfg["worker"])(cfg, dl)
+    state["backend"] = backend
     op, rank, n = cfg["op"], cfg["rank"], cfg["n"]
     state["phase"] = "setup"
     try:
         await backend.open()
-        base = np.arange(max(1, math.ceil(cfg["size_bytes"] / 8)), dtype=np.int64)
+        base = np.arange(payload_items(cfg), dtype=np.int64)
         for rnd in range(-1, cfg["reps"]):  # round -1 is the warm-up: verified, not reported
             tag = rnd + 2
             state["phase"] = f"round {rnd} input"
@@ -222,13 +287,13 @@ async def run(cfg: dict, dl: Deadline, state: dict) -> None:
             res = await getattr(backend, op)(x)
             end = time.perf_counter()
             state["phase"] = f"round {rnd} verify"
-            cls = verify(cfg, rnd, x, tag, res)
+            cls = verify(cfg, rnd, x, tag, res, backend.shuffle_class_is_rank)
             del res
             if rnd >= 0:
                 emit(type="round", rank=rank, round=rnd, start=start, end=end, cls=cls)
     except BaseException:
         try:  # best effort; the error that got us here is the one to report
-            await asyncio.wait_for(backend.close(), timeout=10)
+            await backend.close_after_error()
         except BaseException:
             pass
         raise
@@ -244,6 +309,8 @@ async def run(cfg: dict, dl: Deadline, state: dict) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = json.loads(argv[1])
+    if cfg.get("rank") is None:  # started by a launcher (mpirun) that passes the rank itself
+        cfg["rank"] = int(os.environ[cfg["rank_env"]])
     if os.environ.get("ZIPCOMM_BENCH_LOGDIR"):  # per-rank logs for post-mortems of a failed cell
         logging.basicConfig(
             filename=os.path.join(os.environ["ZIPCOMM_BENCH_LOGDIR"], f"{cfg['op']}-{cfg['n']}-{cfg['rank']}.log"),
@@ -269,9 +336,15 @@ def main(argv: list[str]) -> int:
         emit(type="error", rank=cfg["rank"], phase=state["phase"],
              error=f"{type(exc).__name__}: {exc}")
         traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        if state.get("backend") is not None:
+            state["backend"].abort()
         return EXIT_ERROR
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    # Run the module under its own name: the backends' modules subclass bench._worker's classes
+    # (WorkerBackend, Unavailable), which are other objects than this __main__'s.
+    from bench._worker import main as _main
+    sys.exit(_main(sys.argv))

@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
-"""Benchmark zipcomm's collectives against the same API implemented over Redis.
+"""Benchmark zipcomm's collectives against its peers (Redis, MPI, gloo), side by side in one run.
 
-The Redis baseline is the one of the thesis (section 4.7): senders SET keys in one Redis server,
-receivers poll GET until the keys are there (see bench/redis_backend.py).  This script starts its
-own redis-server (and, for zipcomm, a controller), then for every cell (backend, op, size, n)
-spawns n worker processes (bench/_worker.py) that run one verified warm-up round and --reps
-verified timed rounds.  A round starts when the root (broadcast) or the first sender (reduce,
-allreduce, shuffle) leaves the barrier that precedes it, and ends when the last rank has its
-result; all times are time.perf_counter() (CLOCK_MONOTONIC, comparable across processes).
+Every backend runs the same cells (op, payload size, number of processes n) under the same
+conditions, one cell at a time: broadcast from rank 0, reduce (sum) to rank 0, allreduce (sum),
+and shuffle (every rank sends each of its int64 items to rank ``item % n``).  Payloads are int64
+arrays of at least the given size.  For each cell the ranks run one verified warm-up round and
+--reps verified timed rounds: broadcast payloads must arrive bit-exact, reduce results must equal
+the closed-form sum of all contributions, and each shuffle output must hold exactly the items of
+all ranks' inputs that hash to its rank.  A round starts when the root (broadcast) or the first
+sender (reduce, allreduce, shuffle) leaves the barrier that precedes it, and ends when the last
+rank has its result; all times are time.perf_counter() (CLOCK_MONOTONIC, comparable across
+processes); a cell's figure is the median over its timed rounds.
+
+The ranks are processes running bench/_worker.py: n separate ones for zipcomm, redis and gloo,
+one ``mpirun -n N`` for mpi.  The script starts what the backends need (a redis-server for the
+run, a zipcomm controller per cell, a free loopback port per gloo cell); a backend whose software
+is missing is reported as "backend unavailable: ..." and skipped.  Backends are registered in
+BACKENDS in bench/comm.py (bench/_backends.py says how to add one).
 """
 from __future__ import annotations
 
@@ -18,7 +27,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,18 +34,22 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._report import machine_info, ratio, summarize, table  # noqa: E402
-from bench._services import (ROOT, Controller, RedisServer, ServiceError,  # noqa: E402
-                             child_env, zipcomm_import_error)
+from bench._backends import LAUNCH_STYLES, Backend, Redis, Zipcomm  # noqa: E402
+from bench._launch import kill_live  # noqa: E402
+from bench._report import (BASELINE, UNAVAILABLE, machine_info, peers, ratio,  # noqa: E402
+                           summarize, table)
+from bench._services import ROOT, ServiceError  # noqa: E402
+from bench.gloo_backend import Gloo  # noqa: E402
+from bench.mpi_backend import Mpi  # noqa: E402
 
-BACKENDS = ("zipcomm", "redis")
+# The registry: name -> parent side of the backend (launch style, availability check, services).
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Zipcomm, Redis, Mpi, Gloo)}
 OPS = ("broadcast", "reduce", "allreduce", "shuffle")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
          "kib": 2**10, "mib": 2**20, "gib": 2**30}
 DEFAULTS = {"sizes": "100B,100MB", "n": "2,4,8", "reps": 5, "shuffle_items": "1M", "timeout": 300.0}
 QUICK = {"sizes": "100B,4KB", "n": "2", "reps": 2, "shuffle_items": "10K", "timeout": 60.0}
 GRACE = 20.0  # the parent waits this much longer than the workers' own deadline
-LIVE_PIDS: set[int] = set()
 
 
 def parse_size(text: str) -> int:
@@ -75,15 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
         default_loop = "uvloop"
     except ImportError:
         default_loop = "asyncio"
+    listing = "\n".join(f"  {b.name:<8} {b.summary}\n  {'':<8} {LAUNCH_STYLES[b.launch]}; "
+                        f"needs: {b.needs}" for b in BACKENDS.values())
     p = argparse.ArgumentParser(
         prog="python bench/comm.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Prints a table (median ms per cell, and the zipcomm/redis ratio) and writes a JSON "
-               "file with every raw timing and the machine info.\nExit status: 0 when every cell "
-               "ran and verified (cells failing only because zipcomm is unavailable are reported "
-               "but allowed), 1 otherwise, 130 on Ctrl-C.")
-    p.add_argument("--backends", default="zipcomm,redis",
-                   help="comma list of backends: zipcomm,redis (default: %(default)s)")
+        epilog=f"backends:\n{listing}\n\nPrints a table: every backend's median ms per cell, "
+               f"and {BASELINE}/<peer> for every other\nbackend selected (< 1: {BASELINE} is "
+               f"faster).  Writes a JSON file with every raw timing, the ratios\nand the machine "
+               f"info.  Exit status: 0 when every cell ran and verified (cells of an\nunavailable "
+               f"backend are reported but allowed), 1 otherwise, 130 on Ctrl-C.")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma list of backends (default: %(default)s; those unavailable here "
+                        "are skipped)")
     p.add_argument("--ops", default=",".join(OPS), help="comma list of operations "
                    "(default: %(default)s)")
     p.add_argument("--sizes", help=f"comma list of payload sizes for broadcast/reduce/allreduce, "
@@ -101,16 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{QUICK['shuffle_items']} shuffle items (explicit options still win)")
     p.add_argument("--out", type=Path, help="JSON output path (default: "
                    "bench/results/comm-<timestamp>.json)")
-    p.add_argument("--timeout", type=float, help=f"seconds per cell before its workers give up "
-                   f"and are killed (default: {DEFAULTS['timeout']:.0f}; "
-                   f"--quick: {QUICK['timeout']:.0f})")
+    p.add_argument("--timeout", type=float, help=f"seconds per cell before its ranks give up "
+                   f"(an MPI call cannot); whatever still runs {GRACE:.0f} s later is killed "
+                   f"(default: {DEFAULTS['timeout']:.0f}; --quick: {QUICK['timeout']:.0f})")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=default_loop,
-                   help="event loop of the workers (default: %(default)s)")
-    p.add_argument("--redis-poll-spin-ms", type=float, default=5.0, help="redis backend: re-poll "
-                   "back to back for this long before backing off (default: %(default)s)")
-    p.add_argument("--redis-poll-sleep-ms", type=float, default=1.0, help="redis backend: sleep "
-                   "between polls after the spin phase; 0 = never sleep (default: %(default)s)")
+                   help="event loop of the workers (zipcomm and redis use it; default: "
+                        "%(default)s)")
     p.add_argument("--seed", type=int, default=1, help="seed of the shuffle inputs")
+    for backend in BACKENDS.values():
+        backend.add_options(p)
     return p
 
 
@@ -119,7 +134,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("sizes", "n", "reps", "shuffle_items", "timeout"):
         if getattr(args, key) is None:
             setattr(args, key, table[key])
-    args.backends = comma_list(args.backends, BACKENDS, "backend")
+    args.backends = list(dict.fromkeys(comma_list(args.backends, tuple(BACKENDS), "backend")))
     args.ops = comma_list(args.ops, OPS, "op")
     args.size_list = [(s.strip().upper().replace("I", "i"), parse_size(s))
                       for s in args.sizes.split(",") if s.strip()]
@@ -149,91 +164,29 @@ def cells_of(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-async def run_workers(cfgs: list[dict], timeout: float) -> tuple[list[tuple], list[int], str]:
-    """Run one worker per config; kill all as soon as one fails or the deadline passes.
-
-    Returns (returncode, stdout, stderr) per rank, the ranks in the order they failed, and a
-    failure description ("" if all exited with 0)."""
-    loop = asyncio.get_running_loop()
-    procs, failed, failure = [], [], ""
-    try:
-        for cfg in cfgs:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench._worker", json.dumps(cfg), cwd=ROOT, env=child_env(),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            procs.append(proc)
-            LIVE_PIDS.add(proc.pid)
-        tasks = [asyncio.ensure_future(p.communicate()) for p in procs]
-        pending, end = set(tasks), loop.time() + timeout
-        while pending and not failure:
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, end - loop.time()),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                alive = [i for i, p in enumerate(procs) if p.returncode is None]
-                failure = f"timeout: ranks {alive} still running after {timeout:.0f}s, killed"
-            for task in done:
-                rank = tasks.index(task)
-                if procs[rank].returncode != 0:
-                    failed.append(rank)
-                    failure = failure or f"rank {rank} exited with code {procs[rank].returncode}"
-        for proc in procs:
-            if proc.returncode is None:
-                try:
-                    proc.kill()
-                except ProcessLookupError:
-                    pass
-        results = await asyncio.gather(*tasks)
-        return [(p.returncode, o, e) for p, (o, e) in zip(procs, results)], failed, failure
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                try:
-                    proc.kill()
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
-            LIVE_PIDS.discard(proc.pid)
-
-
 def run_cell(cell: dict, args: argparse.Namespace, ctx: dict) -> None:
-    backend = cell["backend"]
-    if ctx["unavailable"].get(backend):
-        cell["error"] = f"backend unavailable: {ctx['unavailable'][backend]}"
+    name = cell["backend"]
+    if ctx["unavailable"].get(name):
+        cell["error"] = f"{UNAVAILABLE}: {ctx['unavailable'][name]}"
         return
-    cfg = dict(backend=backend, op=cell["op"], size_bytes=cell["size_bytes"], n=cell["n"],
-               reps=cell["reps"], shuffle_items=args.shuffle_items, seed=args.seed,
-               timeout=args.timeout, loop=args.loop, poll_spin=args.redis_poll_spin_ms / 1e3,
-               poll_sleep=args.redis_poll_sleep_ms / 1e3,
-               prefix=f"bench-{ctx['run_id']}-{backend}-{cell['op']}-{cell['size_bytes']}-"
-                      f"{cell['n']}".replace(" ", ""))
-    controller = None
+    backend: Backend = ctx["backends"][name]
+    cfg = dict(backend=name, worker=backend.worker, op=cell["op"], size_bytes=cell["size_bytes"],
+               n=cell["n"], reps=cell["reps"], shuffle_items=args.shuffle_items, seed=args.seed,
+               timeout=args.timeout, loop=args.loop,
+               prefix=f"bench-{ctx['run_id']}-{name}-{cell['op']}-{cell['size_bytes']}-"
+                      f"{cell['n']}".replace(" ", ""), **backend.worker_cfg())
     try:
-        if backend == "zipcomm":
-            controller = Controller(ctx["workdir"])
-            try:
-                controller.start()
-            except ServiceError as exc:
-                cell["error"] = f"backend unavailable: {exc}"
-                return
-            cfg["controller"] = controller.address
-        else:
-            cfg["redis_url"] = ctx["redis"].url
-        cell["loadavg_before"] = list(os.getloadavg())  # other load on the host skews timings
-        began = time.perf_counter()
-        outputs, failed, failure = asyncio.run(
-            run_workers([dict(cfg, rank=r) for r in range(cell["n"])], args.timeout + GRACE))
-        cell["wall_s"] = round(time.perf_counter() - began, 3)
-        summarize(cell, outputs, failed, failure)
-    finally:
-        if controller is not None:
-            controller.stop()
-        if backend == "redis" and ctx.get("redis") is not None:
-            try:
-                cell["redis_keys_left"] = ctx["redis"].keys_left()
-            except Exception as exc:  # the server died: note it, the next cells will fail too
-                cell["redis_keys_left"] = None
-                cell["error"] = cell["error"] or f"redis-server unreachable after the cell: {exc}"
-                cell["status"] = "failed"
+        with backend.cell(cell, cfg):
+            cell["loadavg_before"] = list(os.getloadavg())  # other load on the host skews timings
+            began = time.perf_counter()
+            outputs, failed, failure = asyncio.run(
+                backend.run_ranks(cfg, cell["n"], args.timeout + GRACE))
+            cell["wall_s"] = round(time.perf_counter() - began, 3)
+            summarize(cell, outputs, failed, failure)
+            if (cell["error"] or "").startswith(UNAVAILABLE):  # the ranks cannot import it:
+                ctx["unavailable"][name] = cell["error"][len(UNAVAILABLE) + 2:]  # skip the rest
+    except ServiceError as exc:  # a per-cell service did not start (zipcomm's controller)
+        cell["error"] = f"{UNAVAILABLE}: {exc}"
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -243,56 +196,55 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = resolve(build_parser().parse_args(argv))
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    cells, redis, interrupted = cells_of(args), None, False
+    cells, interrupted = cells_of(args), False
     started = dt.datetime.now(dt.timezone.utc).isoformat()
     with tempfile.TemporaryDirectory(prefix="zipcomm-bench-") as tmp:
-        ctx = {"run_id": uuid.uuid4().hex[:8], "workdir": Path(tmp), "unavailable": {}}
+        ctx: dict = {"run_id": uuid.uuid4().hex[:8], "workdir": Path(tmp), "unavailable": {},
+                     "backends": {}}
         try:
-            if "zipcomm" in args.backends:
-                ctx["unavailable"]["zipcomm"] = zipcomm_import_error()
-            if "redis" in args.backends:
-                redis = RedisServer(Path(tmp))
+            for name in args.backends:  # availability checks and run-wide services
+                ctx["backends"][name] = backend = BACKENDS[name](args, Path(tmp))
                 try:
-                    redis.start()
-                    ctx["redis"] = redis
+                    backend.start()
                 except ServiceError as exc:
-                    ctx["unavailable"]["redis"] = str(exc)
+                    ctx["unavailable"][name] = str(exc)
+                    print(f"{name}: {UNAVAILABLE}: {exc}", flush=True)
             for i, cell in enumerate(cells, 1):
                 cell["error"] = "interrupted"  # until run_cell says otherwise
                 run_cell(cell, args, ctx)
                 result = (f"median {cell['median_ms']:.3f} ms over {cell['reps']} reps"
-                          if cell["status"] == "ok" else f"FAILED: {cell['error']}")
+                          if cell["status"] == "ok" else
+                          "skipped" if cell["error"].startswith(UNAVAILABLE) else
+                          f"FAILED: {cell['error']}")
                 print(f"[{i}/{len(cells)}] {cell['backend']} {cell['op']} {cell['size']} "
                       f"n={cell['n']}: {result}", flush=True)
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            for pid in list(LIVE_PIDS):  # only our own workers, by pid
+            kill_live()  # only our own workers and mpirun sessions, by pid
+            machine = machine_info(args.loop)
+            for backend in ctx["backends"].values():
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            machine = machine_info(args.loop, redis)
+                    machine.update(backend.info())
+                except Exception as exc:  # the report matters more than one version string
+                    machine[f"{backend.name}_info_error"] = f"{type(exc).__name__}: {exc}"
             machine["loadavg_at_end"] = list(os.getloadavg())
-            if ctx.get("redis") is not None:
-                try:
-                    machine["redis_memory_at_end"] = redis.memory_info()
-                except Exception:
-                    pass
-            if redis is not None:
-                redis.stop()
+            for backend in ctx["backends"].values():
+                backend.stop()
     done = [c for c in cells if c["status"] == "ok" or c["error"]]
     print("\n" + table(done, args.backends))
     ratios = []
     index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in done}
     for key in dict.fromkeys((c["op"], c["size"], c["n"]) for c in done):
         ratios.append({"op": key[0], "size": key[1], "n": key[2],
-                       "zipcomm/redis": ratio(index, key)})
+                       **{f"{BASELINE}/{peer}": ratio(index, key, peer)
+                          for peer in peers(args.backends)}})
     finished = dt.datetime.now(dt.timezone.utc).isoformat()
     report = {"schema": 1, "started": started, "finished": finished,
               "argv": sys.argv, "interrupted": interrupted,
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "machine": machine, "cells": done, "ratios": ratios}
+              "machine": machine, "unavailable": ctx["unavailable"], "cells": done,
+              "ratios": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"\nhost load average at the end: {machine['loadavg_at_end']} on "
@@ -300,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     if interrupted:
         return 130
-    bad = [c for c in done if c["status"] != "ok" and not (
-        c["backend"] == "zipcomm" and c["error"].startswith("backend unavailable"))]
+    bad = [c for c in done if c["status"] != "ok" and not c["error"].startswith(UNAVAILABLE)]
     return 1 if bad or len(done) < len(cells) else 0
 
 

@@ -9,8 +9,8 @@ an external store: the sender SETs a key, the receivers poll GET until the key i
   still misses (one pipelined round trip per poll) and combines each one as soon as it arrives
   (the thesis's "keep track of which objects are already available").
 * ``allreduce``: reduce to rank 0, then broadcast from rank 0.
-* ``shuffle``: each rank partitions its int64 array by ``arr % size`` (vectorized: a radix
-  ``argsort(kind="stable")`` over an 8/16-bit bucket array), SETs one key per destination in one
+* ``shuffle``: each rank partitions its int64 array by ``arr % size`` (bench/_partition.py,
+  vectorized: a radix ``argsort(kind="stable")`` over an 8/16-bit bucket array), SETs one key per destination in one
   pipeline, then polls GETDEL for the parts sent to it and concatenates them in source order.
 * ``barrier``: INCR + BLPOP (event-driven, not polled) - the benchmark uses it between rounds.
 
@@ -37,6 +37,8 @@ from typing import Any, Awaitable, Callable
 import msgpack
 import numpy as np
 import redis.asyncio as aioredis
+
+from bench._partition import partition  # shared with the mpi and gloo backends
 
 __all__ = ["RedisComm", "RedisCommTimeout", "encode", "decode", "partition"]
 
@@ -76,30 +78,6 @@ def decode(buf: bytes) -> Any:
         raise ValueError(f"corrupt value: {len(buf) - off} bytes for {dtype}{list(shape)}")
     arr = np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
     return arr[()] if header.get("sc") else arr
-
-
-def partition(arr: np.ndarray, n: int,
-              hash_function: Callable[[np.ndarray, int], np.ndarray] | None = None
-              ) -> list[np.ndarray]:
-    """Split a 1-D array into ``n`` parts by bucket (default ``arr % n``), keeping item order.
-
-    Vectorized counting partition: the bucket array is narrowed to 8 or 16 bits so that numpy's
-    stable argsort is a radix sort (O(len)); the parts are views into one gathered array.
-    """
-    if arr.ndim != 1:
-        raise ValueError(f"shuffle expects a 1-D array, got shape {arr.shape}")
-    buckets = np.remainder(arr, n) if hash_function is None else np.asarray(hash_function(arr, n))
-    if buckets.shape != arr.shape:
-        raise ValueError(f"hash_function returned shape {buckets.shape}, expected {arr.shape}")
-    if n == 1:
-        return [arr]
-    if hash_function is not None and buckets.size and (buckets.min() < 0 or buckets.max() >= n):
-        raise ValueError(f"hash_function returned a bucket outside [0, {n})")
-    narrow = np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.intp
-    buckets = buckets.astype(narrow, copy=False)
-    counts = np.bincount(buckets, minlength=n)
-    gathered = arr[np.argsort(buckets, kind="stable")]
-    return np.split(gathered, np.cumsum(counts)[:-1])
 
 
 def _combine(op: Callable, acc: Any, part: Any, owned: bool) -> Any:

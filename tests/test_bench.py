@@ -1,6 +1,7 @@
 """bench/comm.py runs end to end (a test checks that the benchmark runs, not how fast)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,33 +14,42 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK_SIZES = ("100B", "4KB")  # what --quick uses
 QUICK_N = 2
 QUICK_SHUFFLE = "10K int64"
+BACKENDS = ("zipcomm", "redis", "mpi", "gloo")
+PEERS = ("redis", "mpi", "gloo")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_comm_bench_quick_zipcomm_and_redis(tmp_path: Path) -> None:
-    # Not a skip: CI installs redis-server, and a benchmark that silently does not run is a bug.
-    assert shutil.which("redis-server"), (
-        "redis-server is not installed (not on PATH): bench/comm.py needs it for the Redis "
-        "baseline; install it, e.g. `apt-get install redis-server`")
+@pytest.mark.timeout(240)
+def test_comm_bench_quick_all_backends(tmp_path: Path) -> None:
+    # Not skips: .ci/run installs the peers, and a benchmark that silently does not run is a bug.
+    missing = [hint for ok, hint in (
+        (shutil.which("redis-server"), "redis-server (apt-get install redis-server)"),
+        (shutil.which("mpirun"), "Open MPI's mpirun (apt-get install openmpi-bin libopenmpi-dev)"),
+        (importlib.util.find_spec("mpi4py"), "mpi4py (pip install mpi4py)"),
+        (importlib.util.find_spec("torch"), "torch (pip install torch==2.13.0)"),
+    ) if not ok]
+    assert not missing, f"bench/comm.py's peers are not installed: {', '.join(missing)} " \
+                        f"(.ci/run installs them)"
     out = tmp_path / "comm.json"
     try:
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "comm.py"), "--quick", "--backends", "zipcomm,redis",
-             "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=120)
+            [sys.executable, str(ROOT / "bench" / "comm.py"), "--quick",
+             "--backends", ",".join(BACKENDS), "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=200)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench/comm.py --quick did not finish within 120 s; output so far:\n"
+        pytest.fail(f"bench/comm.py --quick did not finish within 200 s; output so far:\n"
                     f"{exc.stdout}\n{exc.stderr}")
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
 
     data = json.loads(out.read_text())
-    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["python"], data["machine"]
+    machine = data["machine"]
+    assert machine["cpu_count"] >= 1 and machine["python"], machine
+    assert "Open MPI" in machine["mpi_library"] and machine["torch"], machine
     cells = {(c["backend"], c["op"], c["size"], c["n"]): c for c in data["cells"]}
-    expected = [(backend, op, size, QUICK_N) for backend in ("zipcomm", "redis")
+    expected = [(backend, op, size, QUICK_N) for backend in BACKENDS
                 for op in ("broadcast", "reduce", "allreduce") for size in QUICK_SIZES]
-    expected += [(backend, "shuffle", QUICK_SHUFFLE, QUICK_N) for backend in ("zipcomm", "redis")]
+    expected += [(backend, "shuffle", QUICK_SHUFFLE, QUICK_N) for backend in BACKENDS]
     assert sorted(cells) == sorted(expected), report
     for key, cell in cells.items():
         assert cell["status"] == "ok", (key, cell["error"])
@@ -49,16 +59,21 @@ def test_comm_bench_quick_zipcomm_and_redis(tmp_path: Path) -> None:
             assert len(rnd["start"]) == len(rnd["end"]) == QUICK_N, (key, rnd)
         if key[0] == "redis":
             assert cell["redis_keys_left"] == 0, f"{key}: Redis keys not deleted after use"
+    assert len(data["ratios"]) == 7, data["ratios"]
+    for entry in data["ratios"]:
+        for peer in PEERS:
+            assert isinstance(entry[f"zipcomm/{peer}"], float), entry
 
     lines = proc.stdout.splitlines()
     header = next((ln for ln in lines if ln.split()[:3] == ["op", "size", "n"]), None)
     assert header is not None, report
-    assert "redis ms" in header and "zipcomm/redis" in header, header
+    columns = [f"{b} ms" for b in BACKENDS] + [f"zipcomm/{p}" for p in PEERS]
+    assert all(col in header for col in columns), header
     for op in ("broadcast", "reduce", "allreduce", "shuffle"):
         rows = [ln.split() for ln in lines if ln.startswith(op + " ")]
         assert rows, (op, report)
-        for row in rows:  # every cell has both medians and a numeric ratio
-            assert all(_number(x) for x in row[-3:]), (op, row)
+        for row in rows:  # every cell has every backend's median and a numeric ratio per peer
+            assert all(_number(x) for x in row[-len(columns):]), (op, row)
 
 
 def _number(text: str) -> bool:

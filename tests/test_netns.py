@@ -117,3 +117,38 @@ async def test_broadcast_and_allreduce_across_three_hosts() -> None:
         processes = [mm.proc for mm in c.members]
     assert all(p is not None and p.returncode is not None for p in processes)
     assert visible(lab) == []
+
+
+@pytest.mark.asyncio
+async def test_with_a_daemon_per_host_data_crosses_each_host_link_once() -> None:
+    """3 hosts x 3 members, one daemon per host: a broadcast crosses each host link once
+    ((hosts - 1) x size in all, not members x size), an allreduce sends one partial per
+    host up and one result per host down; results equal the direct run's."""
+    async with NetnsLab(HOSTS) as lab:
+        async with NetnsCluster(lab, PER_HOST, daemons=True) as c:
+            await c.join_all("broadcast", "b")  # member 0 first: host 0's daemon is the root
+            places = await c.places("b")
+            assert all(p["daemon"] is not None for p in places), "every member goes through its daemon"
+            assert len({p["daemon"] for p in places}) == HOSTS
+            sender = c.members[1]  # on host 0, the root's host
+            others = [mm for mm in c.members if mm is not sender]
+            with lab.measure() as traffic:
+                await sender.call("send", name="b", values=[7], size=ELEMENTS, timeout=60)
+                got = await asyncio.gather(*(mm.call("receive", name="b", count=1, timeout=60) for mm in others))
+            assert got == [[7]] * len(others)
+            print(f"broadcast of {SIZE} B with daemons, per host link: {traffic}")
+            assert traffic.check(SIZE, [0, 1, 1], [2, 0, 0]) == [], traffic
+
+            reduce_places = await c.join_all("reduce", "r")
+            ids = sorted(p["member"] for p in reduce_places)
+            n = len(c.members)
+            with lab.measure() as traffic:
+                results = await asyncio.gather(
+                    *(mm.call("allreduce", name="r", index=i, width=n, pad=ELEMENTS - n, rounds=1, timeout=60)
+                      for i, mm in enumerate(c.members)))
+            print(f"allreduce of {SIZE} B with daemons, per host link: {traffic}")
+            # one partial up from each of hosts 1 and 2, one result down to each
+            assert traffic.check(SIZE, [2, 1, 1], [2, 1, 1]) == [], traffic
+            for per_member in results:
+                assert per_member[0]["vector"] == [1] * n and per_member[0]["pad_zero"]
+                assert sorted(per_member[0]["contributors"]) == ids

@@ -60,6 +60,16 @@ class ControllerProcess:
                 await self.proc.wait()
 
 
+async def wait_for_file(path: str, proc: asyncio.subprocess.Process, what: str) -> None:
+    """Wait (under a deadline) until ``proc`` has written its ready file."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + DEADLINE
+    while not os.path.exists(path):  # poll a predicate under a deadline
+        if proc.returncode is not None or loop.time() > give_up:
+            raise RuntimeError(f"{what} did not start (exit code {proc.returncode})")
+        await asyncio.sleep(0.01)
+
+
 class DaemonProcess:
     """A host daemon (``python -m zipcomm.daemon``) with its own socket and host id."""
 
@@ -78,12 +88,7 @@ class DaemonProcess:
             sys.executable, "-m", "zipcomm.daemon", "--controller", controller, "--socket", self.socket,
             "--host-id", self.host_id, "--ready-file", ready, *self.extra, stdout=asyncio.subprocess.DEVNULL,
         )
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + DEADLINE
-        while not os.path.exists(ready):  # poll a predicate under a deadline
-            if self.proc.returncode is not None or loop.time() > give_up:
-                raise RuntimeError(f"daemon {self.index} did not start (exit code {self.proc.returncode})")
-            await asyncio.sleep(0.01)
+        await wait_for_file(ready, self.proc, f"daemon {self.index}")
 
     def env(self) -> dict:
         return {"ZIPCOMM_DAEMON": self.socket, "ZIPCOMM_HOST_ID": self.host_id}

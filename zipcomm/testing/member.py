@@ -118,16 +118,17 @@ class Member:
                 "arena": att.name if att is not None else None}
 
     async def do_allreduce(self, name: str, index: int, width: int, rounds: int = 1,
-                           timeout: float = 30) -> list[dict]:
-        """Each round contributes a one-hot vector at ``index``: the result shows who
-        was counted and how often."""
+                           timeout: float = 30, pad: int = 0) -> list[dict]:
+        """Each round contributes a one-hot vector at ``index`` (followed by ``pad``
+        zeros, to make it large): the result shows who was counted and how often."""
         out = []
         for _ in range(rounds):
-            vec = np.zeros(width, dtype=np.int64)
+            vec = np.zeros(width + pad, dtype=np.int64)
             vec[index] = 1
             value, contributors = await self.handles[name].allreduce(vec, timeout=timeout,
                                                                      with_contributors=True)
-            out.append({"vector": value.tolist(), "contributors": contributors})
+            out.append({"vector": value[:width].tolist(), "contributors": contributors,
+                        "pad_zero": not value[width:].any()})
         return out
 
     async def do_shuffle(self, name: str, start: int, count: int, rounds: int = 1,

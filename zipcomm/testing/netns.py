@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .cluster import DEADLINE, Cluster, ControllerProcess, MemberProcess
+from .cluster import DEADLINE, Cluster, ControllerProcess, DaemonProcess, MemberProcess, wait_for_file
 
 __all__ = [
     "NetnsUnavailable",
@@ -552,8 +552,8 @@ class NetnsMemberProcess(MemberProcess):
     Its ``where`` also reports ``host`` / ``host_index`` and ``parent_host`` /
     ``parent_host_index`` (the runtime's host id is the namespace name)."""
 
-    def __init__(self, lab: NetnsLab, host: int, index: int, secret: str) -> None:
-        super().__init__(index)
+    def __init__(self, lab: NetnsLab, host: int, index: int, secret: str, env: dict | None = None) -> None:
+        super().__init__(index, env)
         self.lab = lab
         self.host = host
         self.secret = secret
@@ -565,7 +565,7 @@ class NetnsMemberProcess(MemberProcess):
         log_fd = self._stderr()
         try:
             self.proc = await self.lab.spawn(
-                self.host, argv, env={**os.environ, "ZIPCOMM_SECRET": self.secret},
+                self.host, argv, env={**os.environ, **(self.env or {}), "ZIPCOMM_SECRET": self.secret},
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_fd,
             )
         finally:
@@ -579,31 +579,54 @@ class NetnsMemberProcess(MemberProcess):
         self._reader = asyncio.create_task(self._read())
 
 
+class NetnsDaemonProcess(DaemonProcess):
+    """The daemon of namespace ``host``: peers reach it on the namespace's address."""
+
+    def __init__(self, lab: NetnsLab, host: int, workdir: str) -> None:
+        super().__init__(host, workdir)
+        self.lab = lab
+        self.host_id = lab.namespace(host)
+        self.secret_file = ""
+
+    async def start(self, controller: str) -> None:
+        ready = self.socket + ".ready"
+        argv = [sys.executable, "-m", "zipcomm.daemon", "--controller", controller, "--socket", self.socket,
+                "--host-id", self.host_id, "--listen-host", self.lab.host_addr(self.index),
+                "--secret-file", self.secret_file, "--ready-file", ready, *self.extra]
+        self.proc = await self.lab.spawn(self.index, argv, stdout=asyncio.subprocess.DEVNULL)
+        await wait_for_file(ready, self.proc, f"daemon in {self.host_id}")
+
+
 class NetnsCluster(Cluster):
     """``async with NetnsCluster(lab, per_host=3) as c``: a controller in the root namespace on
     ``lab.hub_addr`` (authenticated: a 0600 secret file for it, ``ZIPCOMM_SECRET`` for the
     members) and ``per_host`` members in each namespace; member ``h * per_host + j`` is the
     ``j``-th on host ``h``."""
 
-    def __init__(self, lab: NetnsLab, per_host: int, *controller_args: str) -> None:
+    def __init__(self, lab: NetnsLab, per_host: int, *controller_args: str, daemons: bool = False) -> None:
         self.lab = lab
         self.per_host = per_host
         self.secret = secrets.token_hex(32)
         self.secret_file = ""  # written on entry, removed on exit
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="zipcomm-netns-")
         self.controller = ControllerProcess(*controller_args)
-        self.members = [NetnsMemberProcess(lab, h, h * per_host + j, self.secret)
+        # one daemon per host, listening for its peers on the host's address
+        self.daemons = [NetnsDaemonProcess(lab, h, self._tmp.name) for h in range(lab.hosts)] if daemons else []
+        self.members = [NetnsMemberProcess(lab, h, h * per_host + j, self.secret,
+                                           self.daemons[h].env() if daemons else None)
                         for h in range(lab.hosts) for j in range(per_host)]
 
     async def __aenter__(self) -> NetnsCluster:
         try:
-            self._tmp = tempfile.TemporaryDirectory(prefix="zipcomm-netns-")
             self.secret_file = os.path.join(self._tmp.name, "secret")
             fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.secret)
             self.controller.extra[:0] = ["--secret-file", self.secret_file]
             address = await self.controller.start(f"{self.lab.hub_addr}:0")
+            for daemon in self.daemons:
+                daemon.secret_file = self.secret_file
+                await daemon.start(address)
             await asyncio.gather(*(mm.start(address) for mm in self.members))
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -640,7 +663,7 @@ def _member_main(args: argparse.Namespace) -> None:
 
         async def do_where(self, name: str) -> dict:
             place = await super().do_where(name)
-            parent = self.handles[name].parent
+            parent = getattr(self.handles[name], "parent", None)  # none: through the daemon
             place.update(host=self.rt.host_id, address=self.rt.address,
                          parent=parent[0] if parent else None, parent_host=parent[2] if parent else None)
             for key in ("host", "parent_host"):
