@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator
 
 from bench._launch import run_workers
-from bench._services import Controller, RedisServer, ServiceError, zipcomm_import_error
+from bench._services import Controller, Daemon, RedisServer, ServiceError, zipcomm_import_error
 
 
 def package_version(name: str) -> str | None:
@@ -107,6 +107,31 @@ class Zipcomm(Backend):
             yield
         finally:
             controller.stop()
+
+
+class ZipcommDaemon(Zipcomm):
+    name = "zipcomm-daemon"
+    summary = ("this project with its host daemon: shared-memory delivery, local reduce "
+               "in place (a controller and a daemon started per cell)")
+
+    @classmethod
+    def add_options(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--daemon-shm-size", default="4G", metavar="SIZE",
+                            help="zipcomm-daemon backend: the daemon's arena (default: %(default)s)")
+
+    @contextlib.contextmanager
+    def cell(self, cell: dict, cfg: dict) -> Iterator[None]:
+        with super().cell(cell, cfg):
+            daemon = Daemon(self.workdir, cfg["controller"], self.args.daemon_shm_size)
+            daemon.start()  # ServiceError: this cell is "backend unavailable"
+            self._socket = daemon.address
+            try:
+                yield
+            finally:
+                daemon.stop()
+
+    def env(self) -> dict[str, str]:
+        return {"ZIPCOMM_DAEMON": self._socket}
 
 
 class Redis(Backend):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 BASELINE = "zipcomm"  # the ratios are BASELINE's median over each peer's
+BASELINES = (BASELINE, "zipcomm-daemon")  # this project's backends: each gets its ratios
 UNAVAILABLE = "backend unavailable"
 
 
@@ -84,14 +85,24 @@ def fmt_ms(cell: dict | None) -> str:
     return "n/a" if (cell["error"] or "").startswith(UNAVAILABLE) else "FAIL"
 
 
+def bases(backends: list[str]) -> list[str]:
+    """The selected backends that are this project (the ratios' numerators)."""
+    return [b for b in backends if b in BASELINES]
+
+
 def peers(backends: list[str]) -> list[str]:
-    """The backends BASELINE is compared with (none if BASELINE is not selected)."""
-    return [b for b in backends if b != BASELINE] if BASELINE in backends else []
+    """The backends this project is compared with (none if no BASELINES backend is selected)."""
+    return [b for b in backends if b not in BASELINES] if bases(backends) else []
 
 
-def ratio(cells: dict, key: tuple, peer: str) -> float | None:
-    """BASELINE's median / ``peer``'s median for the cell ``key`` = (op, size, n)."""
-    zc, other = cells.get(key + (BASELINE,)), cells.get(key + (peer,))
+def comparisons(backends: list[str]) -> list[tuple[str, str]]:
+    """(base, peer) for every ratio column: each of this project's backends over each peer."""
+    return [(base, peer) for base in bases(backends) for peer in peers(backends)]
+
+
+def ratio(cells: dict, key: tuple, peer: str, base: str = BASELINE) -> float | None:
+    """``base``'s median / ``peer``'s median for the cell ``key`` = (op, size, n)."""
+    zc, other = cells.get(key + (base,)), cells.get(key + (peer,))
     if zc and other and zc["status"] == other["status"] == "ok" and other["median_ms"] > 0:
         return zc["median_ms"] / other["median_ms"]
     return None
@@ -102,10 +113,10 @@ def table(cells: list[dict], backends: list[str]) -> str:
     index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in cells}
     keys = list(dict.fromkeys((c["op"], c["size"], c["n"]) for c in cells))
     head = (["op", "size", "n"] + [f"{b} ms" for b in backends]
-            + [f"{BASELINE}/{p}" for p in peers(backends)])
+            + [f"{base}/{p}" for base, p in comparisons(backends)])
     rows = [head]
     for key in keys:
-        ratios = [ratio(index, key, p) for p in peers(backends)]
+        ratios = [ratio(index, key, p, base) for base, p in comparisons(backends)]
         rows.append([key[0], key[1], str(key[2])]
                     + [fmt_ms(index.get(key + (b,))) for b in backends]
                     + ["n/a" if r is None else f"{r:.3f}" for r in ratios])

@@ -127,24 +127,26 @@ class RedisServer:
         _stop(self.proc)
 
 
-class Controller:
-    """``python -m zipcomm.controller --listen 127.0.0.1:0 --ready-file PATH``."""
+class _ZipcommService:
+    """A zipcomm process that writes one line to its ready file once serving."""
+
+    what = ""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
+    def argv(self, ready: Path) -> list[str]:
+        raise NotImplementedError
+
     def start(self, deadline: float = 20.0) -> None:
         tag = uuid.uuid4().hex[:8]
-        ready = self.workdir / f"controller-{tag}.ready"
-        log = self.workdir / f"controller-{tag}.log"
+        ready = self.workdir / f"{self.what.replace(' ', '-')}-{tag}.ready"
+        log = self.workdir / f"{self.what.replace(' ', '-')}-{tag}.log"
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "zipcomm.controller", "--listen", "127.0.0.1:0",
-                 "--ready-file", str(ready)],
-                cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.argv(ready), cwd=ROOT, env=child_env(),
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         end = time.monotonic() + deadline
         while not _exited_within(self.proc, 0.02):  # poll for the ready file
             text = ready.read_text() if ready.exists() else ""
@@ -153,13 +155,39 @@ class Controller:
                 return
             if time.monotonic() > end:
                 self.stop()
-                raise ServiceError(f"zipcomm controller wrote no ready file within "
+                raise ServiceError(f"{self.what} wrote no ready file within "
                                    f"{deadline:.0f}s; log: {tail(log)}")
-        raise ServiceError(f"zipcomm controller exited with code {self.proc.returncode}: "
+        raise ServiceError(f"{self.what} exited with code {self.proc.returncode}: "
                            f"{tail(log, 3)}")
 
     def stop(self) -> None:
         _stop(self.proc)
+
+
+class Controller(_ZipcommService):
+    """``python -m zipcomm.controller --listen 127.0.0.1:0 --ready-file PATH``."""
+
+    what = "zipcomm controller"
+
+    def argv(self, ready: Path) -> list[str]:
+        return [sys.executable, "-m", "zipcomm.controller", "--listen", "127.0.0.1:0",
+                "--ready-file", str(ready)]
+
+
+class Daemon(_ZipcommService):
+    """``python -m zipcomm.daemon --controller ADDR --socket PATH --shm-size SIZE``; its
+    ``address`` is the socket path (what members get as ZIPCOMM_DAEMON)."""
+
+    what = "zipcomm daemon"
+
+    def __init__(self, workdir: Path, controller: str, shm_size: str) -> None:
+        super().__init__(workdir)
+        self.controller, self.shm_size = controller, shm_size
+
+    def argv(self, ready: Path) -> list[str]:
+        return [sys.executable, "-m", "zipcomm.daemon", "--controller", self.controller,
+                "--socket", str(ready.with_suffix(".sock")), "--shm-size", self.shm_size,
+                "--ready-file", str(ready)]
 
 
 def zipcomm_import_error() -> str | None:

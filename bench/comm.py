@@ -34,16 +34,16 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._backends import LAUNCH_STYLES, Backend, Redis, Zipcomm  # noqa: E402
+from bench._backends import LAUNCH_STYLES, Backend, Redis, Zipcomm, ZipcommDaemon  # noqa: E402
 from bench._launch import kill_live  # noqa: E402
-from bench._report import (BASELINE, UNAVAILABLE, machine_info, peers, ratio,  # noqa: E402
+from bench._report import (BASELINE, UNAVAILABLE, comparisons, machine_info, peers, ratio,  # noqa: E402
                            summarize, table)
 from bench._services import ROOT, ServiceError  # noqa: E402
 from bench.gloo_backend import Gloo  # noqa: E402
 from bench.mpi_backend import Mpi  # noqa: E402
 
 # The registry: name -> parent side of the backend (launch style, availability check, services).
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Zipcomm, Redis, Mpi, Gloo)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Zipcomm, ZipcommDaemon, Redis, Mpi, Gloo)}
 OPS = ("broadcast", "reduce", "allreduce", "shuffle")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
          "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     index = {(c["op"], c["size"], c["n"], c["backend"]): c for c in done}
     for key in dict.fromkeys((c["op"], c["size"], c["n"]) for c in done):
         ratios.append({"op": key[0], "size": key[1], "n": key[2],
-                       **{f"{BASELINE}/{peer}": ratio(index, key, peer)
-                          for peer in peers(args.backends)}})
+                       **{f"{base}/{peer}": ratio(index, key, peer, base)
+                          for base, peer in comparisons(args.backends)}})
     finished = dt.datetime.now(dt.timezone.utc).isoformat()
     report = {"schema": 1, "started": started, "finished": finished,
               "argv": sys.argv, "interrupted": interrupted,

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK_SIZES = ("100B", "4KB")  # what --quick uses
 QUICK_N = 2
 QUICK_SHUFFLE = "10K int64"
-BACKENDS = ("zipcomm", "redis", "mpi", "gloo")
+BACKENDS = ("zipcomm", "zipcomm-daemon", "redis", "mpi", "gloo")
+BASES = ("zipcomm", "zipcomm-daemon")
 PEERS = ("redis", "mpi", "gloo")
 
 
@@ -61,13 +62,14 @@ def test_comm_bench_quick_all_backends(tmp_path: Path) -> None:
             assert cell["redis_keys_left"] == 0, f"{key}: Redis keys not deleted after use"
     assert len(data["ratios"]) == 7, data["ratios"]
     for entry in data["ratios"]:
-        for peer in PEERS:
-            assert isinstance(entry[f"zipcomm/{peer}"], float), entry
+        for base in BASES:
+            for peer in PEERS:
+                assert isinstance(entry[f"{base}/{peer}"], float), entry
 
     lines = proc.stdout.splitlines()
     header = next((ln for ln in lines if ln.split()[:3] == ["op", "size", "n"]), None)
     assert header is not None, report
-    columns = [f"{b} ms" for b in BACKENDS] + [f"zipcomm/{p}" for p in PEERS]
+    columns = [f"{b} ms" for b in BACKENDS] + [f"{b}/{p}" for b in BASES for p in PEERS]
     assert all(col in header for col in columns), header
     for op in ("broadcast", "reduce", "allreduce", "shuffle"):
         rows = [ln.split() for ln in lines if ln.startswith(op + " ")]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +137,6 @@ async def test_member_without_the_secret_gets_no_session_and_socket_is_private(t
         assert all(s.member != intruder.member_id for s in dm.sessions)
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 async def test_full_dev_shm_daemon_runs_without_arena_and_members_go_direct(tmp_path) -> None:
     async with zipcomm.Controller("127.0.0.1:0") as ctl:
         sock = str(tmp_path / "d.sock")
