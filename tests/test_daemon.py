@@ -67,6 +67,39 @@ async def test_allreduce_and_handler_reduce_through_one_daemon() -> None:
         await _until(lambda: dm.arena.used == 0 or dm.channels == {} and not dm._leaving)
 
 
+async def test_arrays_from_empty_move_without_any_copy_and_the_arena_drains() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl, Daemon(ctl.address, _sock(), shm_size=64 << 20) as dm:
+        rts = [await zipcomm.connect(ctl.address, daemon=dm.socket_path) for _ in range(4)]
+        try:
+            bcs = [await rt.broadcast_channel("b") for rt in rts]
+            x = await bcs[0].empty(1 << 20, np.int64)
+            x[:] = np.arange(1 << 20)
+            await bcs[0].send(x)
+            assert not x.flags.writeable, "a sent array is shared: it must turn read-only"
+            for bc in bcs[1:]:
+                got = await bc.receive(timeout=10)
+                assert np.array_equal(got, np.arange(1 << 20))
+                # the very bytes the sender wrote: same offset in the segment
+                assert (got.__array_interface__["data"][0] - bc.client.attachment.address
+                        == x.__array_interface__["data"][0] - bcs[0].client.attachment.address)
+            rcs = [await rt.reduce_channel("r", zipcomm.SUM) for rt in rts]
+            for k in range(3):
+                vals = []
+                for i, rc in enumerate(rcs):
+                    v = await rc.empty((256, 512), np.float64)
+                    v[:] = i + k
+                    vals.append(v)
+                out = await asyncio.gather(*(rc.allreduce(v, timeout=10) for rc, v in zip(rcs, vals)))
+                assert all(np.all(r == 6 + 4 * k) and r.shape == (256, 512) for r in out)
+                assert all(np.all(v == i + k) for i, v in enumerate(vals)), "inputs are never overwritten"
+            assert dm.stats["copies_into_arena"] == 0, dm.stats
+            del x, got, vals, out, v
+        finally:
+            for rt in rts:
+                await rt.aclose()
+        await _until(lambda: dm.arena.used == 0)
+
+
 async def test_sigkill_of_a_daemon_mid_run_members_fall_back_exactly() -> None:
     async with Cluster(6, daemons=2) as c:
         await c.join_all("broadcast", "b")  # member 0 first: daemon 0 is the root of both trees

@@ -24,6 +24,11 @@ class FastOp:
     def __repr__(self) -> str:
         return f"zipcomm.{self.name}"
 
+    @property
+    def ufunc(self) -> np.ufunc:
+        """The elementwise numpy function (for callers that slice the work)."""
+        return self._ufunc
+
     def __call__(self, values: list) -> Any:
         return self.combine(list(values), reuse_first=False)
 

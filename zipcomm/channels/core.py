@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
+import numpy as np
+
 from ..errors import ChannelClosed, MembershipError
 from ..protocol import messages as m
 
@@ -124,6 +126,12 @@ class ChannelCore:
                 await asyncio.wait_for(self.rt.request(m.Leave, channel=self.name), 5.0)
             except (MembershipError, TimeoutError):
                 pass
+
+    async def empty(self, shape: Any, dtype: Any = "float64") -> Any:
+        """A writable array to fill and then send or contribute. Without a host daemon
+        it is an ordinary array; through one it lives in shared memory and moves
+        without a copy."""
+        return np.empty(shape, dtype)
 
     async def __aenter__(self):
         return self

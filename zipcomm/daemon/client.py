@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -53,6 +54,7 @@ class DaemonClient:
             except ArenaAttachError as exc:
                 log.warning("cannot map the daemon's arena (%s): data goes over the socket", exc)
         self.handles: dict[str, LocalBroadcast | LocalReduce] = {}
+        self._own: dict[int, tuple[int, int]] = {}  # address -> (range, bytes) of empty() arrays
         self._req = itertools.count(1)
         self._replies: dict[int, asyncio.Future] = {}
         self.lost = False
@@ -99,12 +101,35 @@ class DaemonClient:
             raise MembershipError(f"daemon: {reply.error}", channel=fields.get("channel"))
         return reply.result
 
+    async def empty(self, shape: Any, dtype: Any) -> np.ndarray:
+        """A writable array in the arena: sent or contributed, it moves without a copy."""
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if self.attachment is None or nbytes < SHM_MIN or dt.hasobject:
+            return np.empty(shape, dt)
+        try:
+            off = (await self.request(d.DAlloc, nbytes=nbytes))["offset"]
+        except MembershipError:
+            return np.empty(shape, dt)  # arena full
+        arr = self.attachment.writable(off, dt, shape)
+        root = arr
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        self._own[arr.__array_interface__["data"][0]] = (off, nbytes)
+        weakref.finalize(root, self._free, off).atexit = False  # our reference, given back when dropped
+        return arr
+
     async def put(self, value: Any) -> tuple[list | None, Any]:
-        """Hand ``value`` over: a large array is written into an arena range (one copy,
-        the caller keeps its array); anything else travels inline."""
+        """Hand ``value`` over: an array from :meth:`empty` as it is (it becomes read-only:
+        others read it now); another large array is written into an arena range (one
+        copy, the caller keeps its array); anything else travels inline."""
         if (self.attachment is None or not isinstance(value, np.ndarray) or value.nbytes < SHM_MIN
                 or value.dtype.hasobject):
             return None, value
+        own = self._own.get(value.__array_interface__["data"][0]) if value.flags.c_contiguous else None
+        if own is not None and own[1] == value.nbytes and value.flags.writeable:
+            value.flags.writeable = False
+            return [own[0], int(value.nbytes), value.dtype.str, list(value.shape), True], None
         try:
             off = (await self.request(d.DAlloc, nbytes=int(value.nbytes)))["offset"]
         except MembershipError:
@@ -121,6 +146,8 @@ class DaemonClient:
         return self.attachment.view(off, np.dtype(dtype), tuple(shape), on_release=lambda: self._free(off))
 
     def _free(self, off: int) -> None:
+        if self.attachment is not None and not self.attachment.closed:
+            self._own.pop(self.attachment.address + off, None)
         # The last view may die in any thread (the blocking facade's caller): the
         # session belongs to the loop's thread.
         if threading.get_ident() != self._thread:
@@ -190,6 +217,13 @@ class _LocalHandle:
         while len(self.history) > HISTORY_ITEMS or (self.history_bytes > HISTORY_BYTES and len(self.history) > 1):
             self.history_bytes -= _payload_size(self.history.popleft().data)
         return item
+
+    async def empty(self, shape: Any, dtype: Any = np.float64) -> np.ndarray:
+        """A writable array to fill and then send or contribute without a copy: it lives
+        in the daemon's shared memory (it turns read-only once handed over)."""
+        if self.direct is not None or self.client.lost:
+            return np.empty(shape, dtype)
+        return await self.client.empty(shape, dtype)
 
     async def _join(self, fn: str = "") -> dict:
         self.client.handles[self.name] = self

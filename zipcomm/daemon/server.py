@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import logging
 import os
 import weakref
@@ -218,9 +219,19 @@ class DaemonReduce(ReduceChannel):
         if len(values) == 1:
             return values[0]
         assert self.reduce_f is not None
-        if isinstance(self.reduce_f, FastOp):
-            return self.reduce_f.combine(values, reuse_first=True)  # in place, in the arena
-        return self.reduce_f(values)
+        first = values[0]
+        if not (isinstance(self.reduce_f, FastOp) and isinstance(first, np.ndarray)
+                and all(isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype
+                        for v in values)):
+            if isinstance(self.reduce_f, FastOp):
+                return self.reduce_f.combine(values, reuse_first=True)
+            return self.reduce_f(values)
+        # In place in the arena: into the first contribution, unless its member still
+        # views it; then into a fresh range. Slices are combined in parallel threads
+        # (numpy releases the GIL), all of them reading the shared buffers directly.
+        acc = first if first.flags.writeable and first.flags.c_contiguous else self.daemon.empty_like(first)
+        self.daemon.parallel_reduce(self.reduce_f.ufunc, values, acc)
+        return acc
 
     def _answer(self, r: int, wants: list[int], fut: asyncio.Future) -> None:
         targets = [self.locals[mid].session for mid in wants if mid in self.locals]
@@ -254,6 +265,8 @@ class Daemon:
         self._server: Server | None = None
         self.swept: list[str] = []
         self.stats = {"bytes_to_members_shm": 0, "bytes_to_members_inline": 0, "copies_into_arena": 0}
+        self.threads = len(os.sched_getaffinity(0))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start(self) -> Daemon:
         self.swept = sweep(self.state_file)
@@ -282,6 +295,8 @@ class Daemon:
         await self.rt.aclose()
         for task in list(self._leaving.values()):
             task.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self.arena is not None:
             self.arena.close()
         try:
@@ -326,6 +341,36 @@ class Daemon:
             self.stats["bytes_to_members_shm"] += value.nbytes
             s.send(make([off, int(value.nbytes), value.dtype.str, list(value.shape)], None))
 
+    def empty_like(self, like: np.ndarray) -> np.ndarray:
+        """A writable array shaped like ``like``: in the arena if there is room."""
+        if self.arena is not None and like.nbytes >= SHM_MIN:
+            try:
+                return self.ranges.wrap(self.ranges.alloc(like.nbytes), like.dtype.str, list(like.shape))
+            except ArenaFull:
+                pass
+        return np.empty_like(like)
+
+    def parallel_reduce(self, ufunc: np.ufunc, values: list[np.ndarray], out: np.ndarray) -> None:
+        """``out = ufunc.reduce(values)`` elementwise, sliced across this host's cores."""
+        flat = [v.reshape(-1) for v in values]
+        acc = out.reshape(-1)
+        n = acc.size
+        parts = max(1, min(self.threads, n // (1 << 16)))
+
+        def work(lo: int, hi: int) -> None:
+            ufunc(flat[0][lo:hi], flat[1][lo:hi], out=acc[lo:hi])
+            for v in flat[2:]:
+                ufunc(acc[lo:hi], v[lo:hi], out=acc[lo:hi])
+
+        bounds = [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+        if parts == 1:
+            work(0, n)
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="zipcomm-reduce")
+        for fut in [self._pool.submit(work, lo, hi) for lo, hi in bounds]:
+            fut.result()
+
     def feed(self, channel: str, targets: list[Session], item: m.Item, with_data: bool) -> None:
         """Pass a stream item to the local members (its data only where they use it)."""
         if not targets:
@@ -342,15 +387,21 @@ class Daemon:
         """The value a member handed over: its range becomes the daemon's."""
         if shm is None:
             return data
-        if not (isinstance(shm, list) and len(shm) == 4):
+        if not (isinstance(shm, list) and len(shm) in (4, 5)):
             raise RemoteProtocolError("bad range descriptor")
-        off, nbytes, dtype, shape = shm
+        off, nbytes, dtype, shape = shm[:4]
+        kept = len(shm) == 5 and shm[4] is True  # the member still views it (zipcomm's empty())
         dt = checked_dtype(dtype)
         if not isinstance(shape, list) or not all(isinstance(x, int) and x >= 0 for x in shape):
             raise RemoteProtocolError("bad shape")
         if s.held.get(off, 0) < 1 or nbytes > self.ranges.sizes.get(off, -1) \
                 or int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
             raise RemoteProtocolError(f"range {off} is not this member's or does not fit")
+        if kept:  # the view takes a reference of its own and must never write there
+            self.ranges.hold(off)
+            view = self.ranges.wrap(off, dtype, shape)
+            view.flags.writeable = False
+            return view
         self._drop_held(s, off)
         return self.ranges.wrap(off, dtype, shape)  # the member's reference passes to the view
 
