@@ -418,7 +418,8 @@ class LocalReduce(_LocalHandle):
                 shm, inline = (None, None) if data is _NOTHING else await self.client.put(data)
                 # Kept until the round is done, for a fallback to re-send. A caller that
                 # waits for the result cannot touch its array meanwhile: no copy then.
-                kept = data if (data is _NOTHING or want) else snapshot_payload(data)
+                kept = data if (data is _NOTHING or want or shm is not None and len(shm) == 5) \
+                    else snapshot_payload(data)  # (an empty() array is read-only from now on)
                 self._given[r] = (kept, allreduce, want)
                 try:
                     self.client.send(d.DReduce(channel=self.name, round=r, has_data=data is not _NOTHING,
