@@ -8,8 +8,9 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 
-from zipcomm.testing.cluster import ControllerProcess
+from zipcomm.testing.cluster import ControllerProcess, DaemonProcess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEADLINE = 60
@@ -51,26 +52,17 @@ async def main(workers: int) -> int:
     env = dict(os.environ, ZIPCOMM_CONTROLLER=address)
     print(f"controller at {address}; {workers} worker processes per example")
     try:
-        # (a) broadcast: one sender, workers-1 receivers
-        outs = await run_group(env, [("receiver",)] * (workers - 1) + [("sender",)], "broadcast.py")
-        expected = float(sum(range(1_000_000)))
-        got = [o for o in outs if o.startswith("received")]
-        assert len(got) == workers - 1 and all(f"sum {expected}" in o for o in got), outs
-        print(f"broadcast: {len(got)} receivers got the 1M-element array (sum {expected:.0f})")
-
-        # (b) reduce: a root with a handler, workers-1 workers contributing 1..workers-1
-        outs = await run_group(env, [("root",)] + [("worker", str(i)) for i in range(1, workers)], "reduce.py")
-        want = sum(range(1, workers))
-        assert f"reduce result is:  {want} from {workers - 1} lambdas" in outs[0], outs[0]
-        print(f"reduce:    {outs[0].strip()}")
-
-        # (c) shuffle: 4 receivers, workers-4 senders of 100 ints each
-        senders = workers - 4
-        outs = await run_group(env, [("receiver",)] * 4 + [("sender", str(i)) for i in range(senders)],
-                               "shuffle.py")
-        counts = [int(o.split()[1]) for o in outs[:4]]
-        assert sum(counts) == 100 * senders and all(len(o.split("residues")[1].split(",")) == 1 for o in outs[:4]), outs
-        print(f"shuffle:   4 receivers got {counts} items ({100 * senders} sent), one residue each")
+        await figure_4_2(env, workers)
+        # The same programs through a host daemon (shared memory, one tree member per host):
+        # nothing in them changes but the environment.
+        with tempfile.TemporaryDirectory(prefix="zipcomm-example-") as tmp:
+            daemon = DaemonProcess(0, tmp)
+            await daemon.start(address)
+            try:
+                print(f"again through a host daemon (ZIPCOMM_DAEMON={daemon.socket}):")
+                await figure_4_2(dict(env, **daemon.env()), workers)
+            finally:
+                await daemon.stop()
     finally:
         await controller.stop()
 
@@ -79,6 +71,30 @@ async def main(workers: int) -> int:
         return 1
     print("all examples OK")
     return 0
+
+
+async def figure_4_2(env: dict, workers: int) -> None:
+    """Thesis figure 4.2's three programs, each with ``workers`` processes, answers checked."""
+    # (a) broadcast: one sender, workers-1 receivers
+    outs = await run_group(env, [("receiver",)] * (workers - 1) + [("sender",)], "broadcast.py")
+    expected = float(sum(range(1_000_000)))
+    got = [o for o in outs if o.startswith("received")]
+    assert len(got) == workers - 1 and all(f"sum {expected}" in o for o in got), outs
+    print(f"broadcast: {len(got)} receivers got the 1M-element array (sum {expected:.0f})")
+
+    # (b) reduce: a root with a handler, workers-1 workers contributing 1..workers-1
+    outs = await run_group(env, [("root",)] + [("worker", str(i)) for i in range(1, workers)], "reduce.py")
+    want = sum(range(1, workers))
+    assert f"reduce result is:  {want} from {workers - 1} lambdas" in outs[0], outs[0]
+    print(f"reduce:    {outs[0].strip()}")
+
+    # (c) shuffle: 4 receivers, workers-4 senders of 100 ints each
+    senders = workers - 4
+    outs = await run_group(env, [("receiver",)] * 4 + [("sender", str(i)) for i in range(senders)],
+                           "shuffle.py")
+    counts = [int(o.split()[1]) for o in outs[:4]]
+    assert sum(counts) == 100 * senders and all(len(o.split("residues")[1].split(",")) == 1 for o in outs[:4]), outs
+    print(f"shuffle:   4 receivers got {counts} items ({100 * senders} sent), one residue each")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ class DaemonClient:
                     case _:
                         raise RemoteProtocolError(f"unexpected {msg.OP!r} from the daemon")
         except (ConnectionClosed, ProtocolError) as exc:
-            log.warning("host daemon lost (%s): channels fall back to direct links", exc)
+            if not self.lost:  # not our own close
+                log.warning("host daemon lost (%s): channels fall back to direct links", exc)
         finally:
             self.lost = True
             self.conn.abort()
