@@ -177,6 +177,33 @@ async def test_sigkill_interior_mid_shuffle(daemons: int) -> None:
                 assert missing == {x for x in expected if x % 9 in residues}
 
 
+@with_daemons
+async def test_controller_kill9_and_restart(daemons: int) -> None:
+    async with Cluster(6, daemons=daemons) as c:
+        for kind, name in (("broadcast", "b"), ("reduce", "r"), ("shuffle", "s")):
+            await c.join_all(kind, name)
+        before = await c.places("b")
+        await c.controller.kill()
+        await c.controller.restart()
+        await c.members[2].call("send", name="b", values=[7, 8, 9], timeout=60)
+        for i, mm in enumerate(c.members):
+            if i != 2:
+                assert await mm.call("receive", name="b", count=3, timeout=60) == [7, 8, 9]
+        if not daemons:  # (behind daemons, the epochs are the daemons' own)
+            after = await c.places("b")
+            assert min(p["epoch"] for p in after) > max(p["epoch"] for p in before), "no new epoch"
+        results = await asyncio.gather(
+            *(mm.call("allreduce", name="r", index=i, width=6, timeout=60) for i, mm in enumerate(c.members))
+        )
+        assert all(res[0]["vector"] == [1] * 6 for res in results)
+        shuffled = await asyncio.gather(
+            *(mm.call("shuffle", name="s", start=i * 100, count=50, timeout=60) for i, mm in enumerate(c.members))
+        )
+        assert sorted(x for res in shuffled for x in res[0]) == sorted(
+            x for i in range(6) for x in range(i * 100, i * 100 + 50)
+        )
+
+
 async def test_sigkill_root_mid_broadcast_and_mid_reduce() -> None:
     async with Cluster(7) as c:
         await c.join_all("broadcast", "b")
