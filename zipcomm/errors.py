@@ -129,6 +129,7 @@ class MembershipError(ZipError):
 
     #: ``code`` values a program may act on
     ALREADY_MEMBER = "already_member"
+    NO_SUCH_CHANNEL = "no_such_channel"
 
     def __init__(self, message: str, *, channel: str | None = None, member: object = None,
                  code: str = "") -> None:

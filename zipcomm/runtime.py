@@ -321,7 +321,24 @@ class Runtime:
     # -- controller session --------------------------------------------------
 
     async def request(self, cls: type[m.Message], **fields: Any) -> dict:
-        """Send a request to the controller and wait for its reply (across reconnects)."""
+        """Send a request to the controller and wait for its reply (across reconnects).
+
+        A lookup in a channel this process belongs to that the controller does not know
+        (it restarted and the members have not re-announced it yet) is asked again, with
+        backoff, until it is known: the caller's own deadline bounds the wait."""
+        delay = 0.01
+        while True:
+            try:
+                return await self._request_once(cls, **fields)
+            except MembershipError as exc:
+                name = fields.get("channel")
+                if (exc.code != MembershipError.NO_SUCH_CHANNEL or cls not in (m.LookupRoot, m.ListMembers)
+                        or (name not in self.channels and name not in self._locals) or self._closing):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _request_once(self, cls: type[m.Message], **fields: Any) -> dict:
         while True:
             await self._session_ready.wait()
             session = self._session

@@ -119,7 +119,7 @@ class ControllerState:
     def _meta(self, channel: str) -> ChannelMeta:
         meta = self.channels.get(channel)
         if meta is None or len(meta.tree) == 0:
-            raise MembershipError("no such channel", channel=channel)
+            raise MembershipError("no such channel", channel=channel, code=MembershipError.NO_SUCH_CHANNEL)
         return meta
 
     def _remove(self, channel: str, member: int, graceful: bool = False) -> list[Push]:
