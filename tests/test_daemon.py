@@ -230,3 +230,28 @@ async def _result(call: asyncio.Future):
 async def _after(first: asyncio.Future, member, cmd: str, **args):
     await asyncio.wait_for(asyncio.shield(first), 90)
     return await member.call(cmd, **args)
+
+
+async def test_a_member_sending_a_bad_range_loses_its_session_only() -> None:
+    from zipcomm.daemon import protocol as d
+    from zipcomm.daemon.client import DaemonClient
+    from zipcomm.runtime import Runtime
+
+    async with zipcomm.Controller("127.0.0.1:0") as ctl, Daemon(ctl.address, _sock(), shm_size=8 << 20) as dm:
+        good = [await zipcomm.connect(ctl.address, daemon=dm.socket_path) for _ in range(2)]
+        bad_rt = Runtime(ctl.address)
+        bad = await DaemonClient.open(bad_rt, dm.socket_path)
+        try:
+            chans = [await rt.broadcast_channel("b") for rt in good]
+            await bad.request(d.DJoin, channel="b", kind="broadcast")
+            # a range it was never given: refused, and only its session is closed
+            bad.send(d.DSend(channel="b", msg_id=1, shm=[0, 1 << 20, "<i8", [1 << 17]]))
+            await asyncio.wait_for(bad.task, 10)
+            assert bad.lost
+            assert all(s.member != bad_rt.member_id for s in dm.sessions)
+            await chans[0].send(np.arange(1 << 17))
+            assert np.array_equal(await chans[1].receive(timeout=10), np.arange(1 << 17))
+        finally:
+            await bad.aclose()
+            for rt in good:
+                await rt.aclose()

@@ -47,6 +47,7 @@ log = logging.getLogger("zipcomm.daemon")
 
 SHM_MIN = 64 << 10  # arrays smaller than this travel inline: a range costs a round trip
 MAX_RANGES_PER_SESSION = 1 << 16
+ROUNDS_AHEAD = 1024  # how far ahead of the host's current round a member may contribute
 REDUCE_BLOCK = 256 << 10  # bytes of the partial result combined at a time (fits a core's L2)
 
 
@@ -187,7 +188,7 @@ class DaemonReduce(ReduceChannel):
 
     def on_local(self, member: int, msg: d.DReduce, value: Any) -> None:
         local = self.locals.get(member)
-        if local is None or msg.round < max(local.first_round, self.next_round):
+        if local is None or not max(local.first_round, self.next_round) <= msg.round < self.next_round + ROUNDS_AHEAD:
             raise RemoteProtocolError(f"reduce round {msg.round} is not open for member {member:x}")
         entries = self.waiting.setdefault(msg.round, {})
         if not entries:
