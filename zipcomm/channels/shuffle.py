@@ -74,6 +74,7 @@ class ShuffleChannel(ChannelCore):
         self.gone: set[int] = set()
         self._fetching = False
         self._requested = -1
+        self._asked_in_epoch = -1
         self._root_wanted = -1
 
     # -- API -----------------------------------------------------------------
@@ -118,8 +119,9 @@ class ShuffleChannel(ChannelCore):
                             del self.lists[stale]
                         self.next_round = r + 1
                         return r, members
-                    if self._requested < want:
-                        self._requested = want
+                    if self._requested < want or self._asked_in_epoch != self.epoch:
+                        # (again after a re-wiring: the root we asked may be root no more)
+                        self._requested, self._asked_in_epoch = want, self.epoch
                         await self._ask_for_list(want)
                         continue  # the list may have come while we asked: look again first
                     await self.wait_changed()
@@ -228,6 +230,8 @@ class ShuffleChannel(ChannelCore):
             case m.Part():
                 self._store_part(msg.round, msg.sender, msg.data)
             case m.NeedList():
+                if not self.is_root and self.parent is not None:
+                    self.send_parent(msg)  # the asker's idea of the root is stale: route it up
                 self._root_wants_list(msg.round)
             case _:
                 await super().on_kind_message(sender, msg)
