@@ -183,6 +183,7 @@ async def test_controller_kill9_and_restart(daemons: int) -> None:
         for kind, name in (("broadcast", "b"), ("reduce", "r"), ("shuffle", "s")):
             await c.join_all(kind, name)
         before = await c.places("b")
+        before_s = max(p["epoch"] for p in await c.places("s"))
         await c.controller.kill()
         await c.controller.restart()
         await c.members[2].call("send", name="b", values=[7, 8, 9], timeout=60)
@@ -196,6 +197,14 @@ async def test_controller_kill9_and_restart(daemons: int) -> None:
             *(mm.call("allreduce", name="r", index=i, width=6, timeout=60) for i, mm in enumerate(c.members))
         )
         assert all(res[0]["vector"] == [1] * 6 for res in results)
+        # A shuffle round's members are the controller's list when the round starts: wait
+        # until every member has re-announced the shuffle channel (behind daemons nothing
+        # above needed the members' own sessions back, so some may still be reconnecting).
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while min(p["epoch"] for p in await c.places("s")) <= before_s:
+            assert loop.time() < give_up, "members did not re-announce the shuffle channel"
+            await asyncio.sleep(0.05)  # polling a predicate under a deadline
         shuffled = await asyncio.gather(
             *(mm.call("shuffle", name="s", start=i * 100, count=50, timeout=60) for i, mm in enumerate(c.members))
         )

@@ -398,6 +398,8 @@ class Runtime:
                 beat.cancel()
                 session.abort()
             self._session_ready.clear()
+            for core in list(self.channels.values()):
+                core.suspend()
             for fut in list(self._requests.values()):
                 if not fut.done():
                     fut.set_exception(BrokenByPeer("controller session lost"))
@@ -414,7 +416,8 @@ class Runtime:
                                         epoch_hint=core.epoch + 1)
         except MembershipError as exc:
             if exc.code == MembershipError.ALREADY_MEMBER:
-                return  # the controller kept its state: nothing to rebuild
+                core.unsuspend()  # the controller kept its state: nothing to rebuild
+                return
             raise
         core.on_rewire(m.Rewire(channel=core.name, **result))
 

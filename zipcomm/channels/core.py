@@ -188,6 +188,9 @@ class ChannelCore:
                 self.parent = None
                 self.parent_linked = False
                 self._became_root()
+            elif msg.term != self.term:  # root again, of a new term (a restarted controller)
+                self.term = msg.term
+                self.root_ready = False
         else:
             self.is_root = False
             self.root_ready = False
@@ -211,6 +214,17 @@ class ChannelCore:
             for early in self.early.pop(cid):
                 self._on_child_message(cid, early)
 
+    def suspend(self) -> None:
+        """The controller session is lost. A root stops sequencing until the controller
+        confirms its place: a restarted controller may already have made another member
+        the root of a new term, and two roots would fork the stream."""
+        self.root_ready = False
+
+    def unsuspend(self) -> None:
+        """The controller kept its state across the outage: carry on as before."""
+        self._check_root_ready()
+        self.progress()
+
     def _link_to_parent(self) -> None:
         assert self.parent is not None
         self.send_parent(
@@ -231,8 +245,11 @@ class ChannelCore:
             return
         if all(c.up_done for c in self.children.values()):
             self.root_ready = True
-            self.next_n = self.last_key[1] + 1 if self.last_key[0] == self.term else 1
-            self.last_published = self.last_key
+            top = self.last_key
+            if self.last_published[0] == self.term and self.last_published > top:
+                top = self.last_published  # published before a suspension, not delivered yet
+            self.next_n = top[1] + 1 if top[0] == self.term else 1
+            self.last_published = top
             deferred, self.deferred = self.deferred, []
             for kind, meta, data in deferred:
                 self.publish(kind, meta, data)
