@@ -51,3 +51,16 @@ async def test_a_malformed_file_names_its_line_and_writes_no_dataset(tmp_path) -
         await cirrus.load_libsvm_async(tmp_path / "bad.svm", str(tmp_path / "ds"))
     with pytest.raises(cirrus.DatasetError):
         await cirrus.open_dataset(str(tmp_path / "ds"))
+
+
+def test_prefetch_benchmark_runs() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "prefetch.py"), "--rows", "5000",
+                          "--reps", "1", "--latency", "0.002", "--partition-bytes", "50000"],
+                         capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert "prefetch / no prefetch:" in out.stdout and "minibatches/s" in out.stdout, out.stdout
