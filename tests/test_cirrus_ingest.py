@@ -64,3 +64,35 @@ def test_prefetch_benchmark_runs() -> None:
                          capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert "prefetch / no prefetch:" in out.stdout and "minibatches/s" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("fmt", ["libsvm", "criteo", "csv"])
+def test_cli_load_writes_a_dataset_and_reports_errors(tmp_path, fmt: str) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from cirrus.generators import multiclass, write_criteo_tsv, write_csv
+
+    src = tmp_path / f"in.{fmt}"
+    if fmt == "libsvm":
+        data, _ = criteo_like(500, hash_bits=8, seed=2)
+        write_libsvm(data, src)
+    elif fmt == "criteo":
+        write_criteo_tsv(500, src, seed=2, hash_bits=8)
+    else:
+        dense, _, _ = multiclass(500, 6, 3, seed=2)
+        write_csv(dense, src)
+    extra = ["--hash-bits", "8"] if fmt == "criteo" else []
+    out = subprocess.run([sys.executable, "-m", "cirrus", "load", "--format", fmt, str(src), str(tmp_path / "ds"),
+                          "--partition-bytes", "10000", *extra], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert "wrote 500 rows" in out.stdout, out.stdout
+
+    async def rows() -> int:
+        async with await cirrus.open_dataset(str(tmp_path / "ds")) as ds:
+            return ds.n_rows
+    assert asyncio.run(rows()) == 500
+    bad = subprocess.run([sys.executable, "-m", "cirrus", "load", str(tmp_path / "missing.svm"),
+                          str(tmp_path / "ds2")], capture_output=True, text=True, timeout=50)
+    assert bad.returncode == 1 and "error:" in bad.stderr
