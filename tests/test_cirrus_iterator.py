@@ -178,7 +178,11 @@ async def test_aclose_cancels_background_fetches(tmp_path):
                 pass
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 10
+        while not _prefetch_tasks():  # poll until the consumer has fetches in flight
+            assert loop.time() < give_up, "the iterator started no prefetch"
+            await asyncio.sleep(0.001)
         assert _prefetch_tasks()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
