@@ -33,3 +33,13 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]], *, verbose: bool = Fals
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(wrapper())
+
+
+def write_ready_file(path: str, text: str) -> None:
+    """Write ``text`` and a newline to ``path`` atomically (scripts and tests wait for it)."""
+    import os
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)

@@ -17,7 +17,7 @@ from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import freeze
 from ..protocol import messages as m
 from ..protocol.payload import snapshot_payload
-from .core import ChannelCore
+from .core import ChannelCore, get_or_stop
 
 # Without the item coming back this long, ask the controller for the root again and
 # re-send (de-duplicated). A lost connection to the root re-sends at once.
@@ -107,16 +107,10 @@ class BroadcastChannel(ChannelCore):
             return self._queue.get_nowait()
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} closed")
-        getter = asyncio.ensure_future(self._queue.get())
-        closed = asyncio.ensure_future(self._closed_event())
-        try:
-            done, _ = await asyncio.wait([getter, closed], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if closed in done:
+        outcome, value = await get_or_stop(self._queue, self._closed_event(), timeout)
+        if outcome == "item":
+            return value
+        if outcome == "stop":
             raise ChannelClosed(f"channel {self.name!r} closed")
         raise CollectiveTimeout("no broadcast received", channel=self.name, epoch=self.epoch,
                                 round=self.last_key[1])

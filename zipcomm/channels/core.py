@@ -63,6 +63,22 @@ def _payload_size(data: Any) -> int:
     return 64
 
 
+async def get_or_stop(queue: asyncio.Queue, stop: Any, timeout: float | None) -> tuple[str, Any]:
+    """Wait for the next item of ``queue`` unless the awaitable ``stop`` completes first or
+    ``timeout`` passes: ("item", value), ("stop", None) or ("timeout", None). No item is lost:
+    one taken is returned, the getter is cancelled otherwise."""
+    getter = asyncio.ensure_future(queue.get())
+    stopper = asyncio.ensure_future(stop)
+    try:
+        done, _ = await asyncio.wait([getter, stopper], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if getter in done:
+        return "item", getter.result()
+    getter.cancel()
+    return ("stop", None) if stopper in done else ("timeout", None)
+
+
 class ChannelCore:
     kind = ""
 

@@ -41,26 +41,11 @@ class _Round:
     sent: bool = False
 
 
-class ReduceChannel(ChannelCore):
-    kind = "reduce"
+class ReduceAPI:
+    """The reduce / allreduce calls over ``_contribute``: shared by the direct channel and
+    the handle that goes through a host daemon."""
 
-    def __init__(self, runtime, name: str, *, reduce_f: Any = None,
-                 handler: Callable[[Any, int], Any] | None = None) -> None:
-        super().__init__(runtime, name, "member")
-        self.reduce_f = resolve_reduce(reduce_f) if reduce_f is not None else None
-        self.handler = handler
-        self.fn_name = reduce_name(self.reduce_f)
-        self.next_round = 0
-        self._sent_up_to = -1
-        self.done_up_to = -1
-        self.rounds: dict[int, _Round] = {}
-        self.retained: dict[int, list[m.Piece]] = {}
-        self._waiters: dict[int, asyncio.Future] = {}
-        # Whether our own values are the caller's (never combined in place): a daemon
-        # hands over arena ranges it owns, which it may overwrite.
-        self._own_is_callers = True
-
-    # -- API -----------------------------------------------------------------
+    handler: Callable[[Any, int], Any] | None
 
     async def reduce(self, data: Any = _NOTHING, *, timeout: float | None = 30.0) -> Any:
         """Contribute ``data`` to the next round (no data: take part without contributing).
@@ -84,6 +69,29 @@ class ReduceChannel(ChannelCore):
         """Contribute and return the round's result to every member."""
         value, contributors = await self._contribute(data, allreduce=True, want=True, timeout=timeout)
         return (value, contributors) if with_contributors else value
+
+
+
+class ReduceChannel(ReduceAPI, ChannelCore):
+    kind = "reduce"
+
+    def __init__(self, runtime, name: str, *, reduce_f: Any = None,
+                 handler: Callable[[Any, int], Any] | None = None) -> None:
+        super().__init__(runtime, name, "member")
+        self.reduce_f = resolve_reduce(reduce_f) if reduce_f is not None else None
+        self.handler = handler
+        self.fn_name = reduce_name(self.reduce_f)
+        self.next_round = 0
+        self._sent_up_to = -1
+        self.done_up_to = -1
+        self.rounds: dict[int, _Round] = {}
+        self.retained: dict[int, list[m.Piece]] = {}
+        self._waiters: dict[int, asyncio.Future] = {}
+        # Whether our own values are the caller's (never combined in place): a daemon
+        # hands over arena ranges it owns, which it may overwrite.
+        self._own_is_callers = True
+
+    # -- API -----------------------------------------------------------------
 
     async def _contribute(self, data: Any, *, allreduce: bool, want: bool, timeout: float | None):
         if self.closed:

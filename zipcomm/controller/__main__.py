@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import os
 import sys
 
-from .._entry import run
+from .._entry import run, write_ready_file
 from ..protocol.handshake import load_secret
 from ..transport.connection import parse_address
 from .server import Controller
@@ -63,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                               heartbeat=args.heartbeat, heartbeat_timeout=args.heartbeat_timeout) as ctl:
             print(f"zipcomm controller listening on {ctl.address}", flush=True)
             if args.ready_file:
-                tmp = args.ready_file + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write(ctl.address + "\n")
-                os.replace(tmp, args.ready_file)
+                write_ready_file(args.ready_file, ctl.address)
             await stop.wait()
         return 0
 

@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from .._entry import run
+from .._entry import run, write_ready_file
 from ..controller.__main__ import _is_loopback
 from ..errors import ZipError
 from ..protocol.handshake import load_secret
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             arena = f"arena {daemon.arena.name} ({daemon.arena.size} bytes)" if daemon.arena else "no arena"
             print(f"zipcomm daemon serving {daemon.socket_path}, {arena}", flush=True)
             if args.ready_file:
-                tmp = args.ready_file + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write(daemon.socket_path + "\n")
-                os.replace(tmp, args.ready_file)
+                write_ready_file(args.ready_file, daemon.socket_path)
             await stop.wait()
         finally:
             await daemon.aclose()

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..channels.broadcast import BroadcastChannel
-from ..channels.core import HISTORY_BYTES, HISTORY_ITEMS, _payload_size
-from ..channels.reduce import _NOTHING, ReduceChannel
+from ..channels.core import HISTORY_BYTES, HISTORY_ITEMS, _payload_size, get_or_stop
+from ..channels.reduce import _NOTHING, ReduceAPI, ReduceChannel
 from ..errors import (ArenaAttachError, ChannelClosed, CollectiveTimeout, ConnectionClosed, MembershipError,
                       ProtocolError, RemoteProtocolError, ZipTimeout)
 from ..ops import freeze, reduce_name
@@ -336,16 +336,10 @@ class LocalBroadcast(_LocalHandle):
             raise ChannelClosed(f"channel {self.name!r} closed")
         if self.direct is not None:
             return await self.direct.receive(timeout=timeout)
-        getter = asyncio.ensure_future(self._queue.get())
-        fallen = asyncio.ensure_future(self._fallen.wait())
-        try:
-            done, _ = await asyncio.wait([getter, fallen], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            fallen.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if fallen in done:
+        outcome, value = await get_or_stop(self._queue, self._fallen.wait(), timeout)
+        if outcome == "item":
+            return value
+        if outcome == "stop":  # the daemon is gone: what it delivered first, then the direct channel
             return await self.receive(timeout=timeout)
         raise CollectiveTimeout("no broadcast received", channel=self.name, epoch=0, round=self.last_key[1])
 
@@ -369,7 +363,7 @@ class LocalBroadcast(_LocalHandle):
         return core
 
 
-class LocalReduce(_LocalHandle):
+class LocalReduce(ReduceAPI, _LocalHandle):
     kind = "reduce"
 
     def __init__(self, client: DaemonClient, name: str, reduce_f: Any, handler: Callable | None) -> None:
@@ -385,22 +379,6 @@ class LocalReduce(_LocalHandle):
         result = await self._join(self.fn)
         self.next_round = result["first_round"]
         return self
-
-    async def reduce(self, data: Any = _NOTHING, *, timeout: float | None = 30.0) -> Any:
-        want = self.handler is not None
-        result = await self._contribute(data, allreduce=False, want=want, timeout=timeout)
-        if want:
-            value, contributors = result
-            outcome = self.handler(value, len(contributors))
-            if asyncio.iscoroutine(outcome):
-                await outcome
-            return value
-        return None
-
-    async def allreduce(self, data: Any = _NOTHING, *, timeout: float | None = 30.0,
-                        with_contributors: bool = False) -> Any:
-        value, contributors = await self._contribute(data, allreduce=True, want=True, timeout=timeout)
-        return (value, contributors) if with_contributors else value
 
     async def _contribute(self, data: Any, *, allreduce: bool, want: bool, timeout: float | None):
         if self.closed:

@@ -31,12 +31,7 @@ class ControllerProcess:
                 sys.executable, "-m", "zipcomm.controller", "--listen", listen, "--ready-file", ready,
                 *self.extra, stdout=asyncio.subprocess.DEVNULL,
             )
-            loop = asyncio.get_running_loop()
-            give_up = loop.time() + DEADLINE
-            while not os.path.exists(ready):  # poll a predicate under a deadline
-                if self.proc.returncode is not None or loop.time() > give_up:
-                    raise RuntimeError(f"controller did not start (exit code {self.proc.returncode})")
-                await asyncio.sleep(0.01)
+            await wait_for_file(ready, self.proc, "controller")
             with open(ready) as f:
                 self.address = f.read().strip()
         return self.address
@@ -51,13 +46,18 @@ class ControllerProcess:
         return await self.start(self.address)
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await terminate(self.proc)
+
+
+async def terminate(proc: asyncio.subprocess.Process | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc is not None and proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 async def wait_for_file(path: str, proc: asyncio.subprocess.Process, what: str) -> None:
@@ -98,13 +98,7 @@ class DaemonProcess:
             self.proc.send_signal(sig)
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await terminate(self.proc)
         # A daemon killed by a test leaves its segment behind (only its successor or a
         # sweep may remove it): sweep, as the next daemon on this socket would.
         from ..shm import sweep
