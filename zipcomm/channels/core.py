@@ -63,6 +63,26 @@ def _payload_size(data: Any) -> int:
     return 64
 
 
+class History:
+    """The last items of a stream, bounded by count and bytes (at least one is kept)."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[m.Item] = collections.deque()
+        self.nbytes = 0
+
+    def append(self, item: m.Item) -> None:
+        self.items.append(item)
+        self.nbytes += _payload_size(item.data)
+        while len(self.items) > HISTORY_ITEMS or (self.nbytes > HISTORY_BYTES and len(self.items) > 1):
+            self.nbytes -= _payload_size(self.items.popleft().data)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 async def get_or_stop(queue: asyncio.Queue, stop: Any, timeout: float | None) -> tuple[str, Any]:
     """Wait for the next item of ``queue`` unless the awaitable ``stop`` completes first or
     ``timeout`` passes: ("item", value), ("stop", None) or ("timeout", None). No item is lost:
@@ -106,8 +126,7 @@ class ChannelCore:
         self._need_sync_done = False
         # stream
         self.last_key: Key = (0, 0)
-        self.history: collections.deque[m.Item] = collections.deque()
-        self.history_bytes = 0
+        self.history = History()
         self.pending: dict[Key, tuple[int | None, m.Item]] = {}  # by the key they follow
         self.last_published: Key = (0, 0)
         self.deferred: list = []
@@ -127,7 +146,6 @@ class ChannelCore:
         self.last_key = tuple(last_key)  # type: ignore[assignment]
         for item in history:
             self.history.append(item)
-            self.history_bytes += _payload_size(item.data)
 
     async def aclose(self, graceful: bool = True) -> None:
         if self.closed:
@@ -377,10 +395,6 @@ class ChannelCore:
                       item.kind, f"{source:x}" if source else "-")
         self.last_key = tuple(item.key)  # type: ignore[assignment]
         self.history.append(item)
-        self.history_bytes += _payload_size(item.data)
-        while len(self.history) > HISTORY_ITEMS or (self.history_bytes > HISTORY_BYTES and len(self.history) > 1):
-            old = self.history.popleft()
-            self.history_bytes -= _payload_size(old.data)
         if item.kind == "b":
             origin, msg_id = item.meta["origin"], item.meta["msg_id"]
             if msg_id > self.last_msg.get(origin, -1):

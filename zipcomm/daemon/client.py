@@ -10,7 +10,6 @@ without a result as late pieces, which the root counts once or not at all.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import threading
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..channels.broadcast import BroadcastChannel
-from ..channels.core import HISTORY_BYTES, HISTORY_ITEMS, _payload_size, get_or_stop
+from ..channels.core import History, get_or_stop
 from ..channels.reduce import _NOTHING, ReduceAPI, ReduceChannel
 from ..errors import (ArenaAttachError, ChannelClosed, CollectiveTimeout, ConnectionClosed, MembershipError,
                       ProtocolError, RemoteProtocolError, ZipTimeout)
@@ -206,17 +205,13 @@ class _LocalHandle:
         # The stream as the daemon fed it, bounded like any node's history: after a
         # fallback this member serves it to its new children.
         self.last_key: tuple = (0, 0)
-        self.history: collections.deque[m.Item] = collections.deque()
-        self.history_bytes = 0
+        self.history = History()
 
     def _record(self, msg: d.DItem) -> m.Item:
         value = self.client.take(msg.shm, msg.data)
         item = m.Item(channel=self.name, key=msg.key, prev=msg.prev, kind=msg.kind, meta=msg.meta, data=value)
         self.last_key = tuple(msg.key)
         self.history.append(item)
-        self.history_bytes += _payload_size(value)
-        while len(self.history) > HISTORY_ITEMS or (self.history_bytes > HISTORY_BYTES and len(self.history) > 1):
-            self.history_bytes -= _payload_size(self.history.popleft().data)
         return item
 
     async def empty(self, shape: Any, dtype: Any = np.float64) -> np.ndarray:
