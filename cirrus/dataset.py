@@ -50,6 +50,8 @@ __all__ = [
     "write_dataset",
     "write_arrays",
     "write_arrays_sync",
+    "write_partition",
+    "commit_dataset",
     "open_dataset",
 ]
 
@@ -70,7 +72,7 @@ _KINDS = {DENSE: "dense", SPARSE: "sparse"}
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 4: np.dtype("<i8")}
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 _PART_RE = re.compile(r"^part-\d{6}\.crpt$")
-_THREAD_THRESHOLD = 1 << 20  # encode / decode bigger partitions off the event loop
+_THREAD_THRESHOLD = 64 << 10  # encode / decode / verify bigger partitions off the event loop
 
 
 def _pad(n: int) -> int:
@@ -487,49 +489,67 @@ async def write_dataset(store_or_uri: str | os.PathLike[str] | Store, data: Any,
         await store.delete(MANIFEST_KEY)
         splitter = _Splitter(partition_bytes)
         entries: list[dict[str, Any]] = []
-        dtypes: dict[str, str] = {}
-
-        async def emit(p: Partition) -> None:
-            data_ = await _encode(p)
-            key = part_key(len(entries))
-            await store.put(key, data_)
-            secs = _sections(p)
-            if not dtypes:
-                dtypes.update(label_dtype=secs[0].dtype.name, value_dtype=secs[3].dtype.name,
-                              index_dtype=secs[2].dtype.name if p.kind == "sparse" else None)
-            entries.append({"key": key, "n_rows": p.n_rows, "nnz": p.nnz, "nbytes": len(data_),
-                            "digest": partition_digest(data_)})
 
         async for piece in _pieces(data, n_features):
             for p in splitter.add(piece):
-                await emit(p)
+                entries.append(await write_partition(store, len(entries), p))
         for p in splitter.flush():
-            await emit(p)
+            entries.append(await write_partition(store, len(entries), p))
         if splitter.kind is None:
             if isinstance(data, Partition):  # zero rows
                 splitter.kind, splitter.n_features = data.kind, data.n_features
             else:
                 raise DatasetError(f"no rows to write to {store.uri}", uri=store.uri)
-        manifest = {
-            "format": "cirrus-dataset",
-            "version": MANIFEST_VERSION,
-            "partition_format_version": FORMAT_VERSION,
-            "kind": splitter.kind,
-            "n_features": splitter.n_features,
-            "n_rows": sum(e["n_rows"] for e in entries),
-            "nnz": sum(e["nnz"] for e in entries),
-            **dtypes,
-            "partitions": entries,
-        }
-        await store.put(MANIFEST_KEY, json.dumps(manifest, indent=1).encode())
-        listed = {e["key"] for e in entries}
-        for key in await store.list("part-"):
-            if _PART_RE.match(key) and key not in listed:
-                await store.delete(key)  # stale partition of a previous, larger dataset
-        return manifest
+        return await commit_dataset(store, entries, kind=splitter.kind, n_features=splitter.n_features)
     finally:
         if owns:
             await store.aclose()
+
+
+async def write_partition(store: Store, index: int, p: Partition) -> dict[str, Any]:
+    """Encode ``p`` and store it as partition ``index`` (key ``part-NNNNNN.crpt``); return its manifest
+    entry for :func:`commit_dataset`. Jobs that write partitions from several processes use this and
+    leave the manifest to one coordinator."""
+    data_ = await _encode(p)
+    key = part_key(index)
+    await store.put(key, data_)
+    secs = _sections(p)
+    return {"key": key, "n_rows": p.n_rows, "nnz": p.nnz, "nbytes": len(data_),
+            "digest": partition_digest(data_), "label_dtype": secs[0].dtype.name,
+            "value_dtype": secs[3].dtype.name, "index_dtype": secs[2].dtype.name if p.kind == "sparse" else None}
+
+
+_DTYPE_FIELDS = ("label_dtype", "value_dtype", "index_dtype")
+
+
+async def commit_dataset(store: Store, entries: list[dict[str, Any]], *, kind: str, n_features: int,
+                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Make the partitions ``entries`` (from :func:`write_partition`, in order) a dataset: write the
+    manifest (last, atomically), then delete stale partitions of a previous dataset at ``store``.
+    ``extra`` adds fields to the manifest (e.g. how the dataset was derived). Returns the manifest."""
+    if [e["key"] for e in entries] != [part_key(i) for i in range(len(entries))]:
+        raise DatasetError(f"partitions of {store.uri} must be numbered 0..{len(entries) - 1} in order",
+                           uri=store.uri)
+    dtypes = {f: entries[0][f] for f in _DTYPE_FIELDS} if entries else {}
+    parts = [{k: v for k, v in e.items() if k not in _DTYPE_FIELDS} for e in entries]
+    manifest = {
+        "format": "cirrus-dataset",
+        "version": MANIFEST_VERSION,
+        "partition_format_version": FORMAT_VERSION,
+        "kind": kind,
+        "n_features": int(n_features),
+        "n_rows": sum(e["n_rows"] for e in parts),
+        "nnz": sum(e["nnz"] for e in parts),
+        **dtypes,
+        **(extra or {}),
+        "partitions": parts,
+    }
+    await store.put(MANIFEST_KEY, json.dumps(manifest, indent=1).encode())
+    listed = {e["key"] for e in parts}
+    for key in await store.list("part-"):
+        if _PART_RE.match(key) and key not in listed:
+            await store.delete(key)  # stale partition of a previous, larger dataset
+    return manifest
 
 
 async def write_arrays(uri: str | os.PathLike[str] | Store, labels: Any, dense: Any = None,
@@ -635,9 +655,11 @@ class Dataset:
         except NotFound:
             raise IncompleteDataset(f"partition {name} listed in the manifest is missing", uri=self.uri) from None
         if len(data) > _THREAD_THRESHOLD:
-            p = await asyncio.to_thread(decode_partition, data, name)
-        else:
-            p = decode_partition(data, name)
+            return await asyncio.to_thread(self._decode_checked, data, name, entry)
+        return self._decode_checked(data, name, entry)
+
+    def _decode_checked(self, data: bytes, name: str, entry: dict[str, Any]) -> Partition:
+        p = decode_partition(data, name)
         if (p.n_rows != entry["n_rows"] or p.n_features != self.n_features or p.kind != self.kind
                 or ("digest" in entry and partition_digest(data) != entry["digest"])):
             raise PartitionCorrupt(f"partition {name} does not match the manifest (stale or replaced)", name=name)

@@ -174,14 +174,20 @@ class MinibatchIterator:
         start = self._pos
         stop = min(start + self.batch_size, p.n_rows)
         self._pos = stop
-        meta = dict(partition=self._cur_index, start=start, epoch=self._cur_epoch, n_features=p.n_features)
+        # The partition was validated when decoded, so its slices are valid: build the minibatch
+        # without re-running Partition's checks (this is the per-minibatch hot path).
+        mb = object.__new__(Minibatch)
+        d = mb.__dict__
+        d.update(labels=p.labels[start:stop], n_features=p.n_features, partition=self._cur_index,
+                 start=start, epoch=self._cur_epoch)
         if p.dense is not None:
-            return Minibatch(p.labels[start:stop], dense=p.dense[start:stop], **meta)
+            d.update(dense=p.dense[start:stop], indptr=None, indices=None, values=None)
+            return mb
         ip = p.indptr
         assert ip is not None and p.indices is not None and p.values is not None
         lo, hi = int(ip[start]), int(ip[stop])
-        return Minibatch(p.labels[start:stop], indptr=ip[start:stop + 1] - lo,
-                         indices=p.indices[lo:hi], values=p.values[lo:hi], **meta)
+        d.update(dense=None, indptr=ip[start:stop + 1] - lo, indices=p.indices[lo:hi], values=p.values[lo:hi])
+        return mb
 
     async def aclose(self) -> None:
         """Cancel and await every background fetch; release what the iterator holds."""

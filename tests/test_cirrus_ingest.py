@@ -60,10 +60,12 @@ def test_prefetch_benchmark_runs() -> None:
 
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, str(root / "bench" / "prefetch.py"), "--rows", "5000",
-                          "--reps", "1", "--latency", "0.002", "--partition-bytes", "50000"],
+                          "--reps", "1", "--latency", "0.002", "--partition-bytes", "50000,100000"],
                          capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
-    assert "prefetch / no prefetch:" in out.stdout and "minibatches/s" in out.stdout, out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().endswith("x")]
+    assert [r[0] for r in rows] == ["0.05MB", "0.10MB"], out.stdout  # one row per partition size
+    assert all(float(r[-1].rstrip("x")) > 0 for r in rows), out.stdout
 
 
 @pytest.mark.parametrize("fmt", ["libsvm", "criteo", "csv"])
