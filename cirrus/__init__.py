@@ -1,5 +1,5 @@
 """cirrus: end-to-end ML workflows on zipcomm (the data path so far: stores, datasets,
-minibatch iterator, text loaders)."""
+minibatch iterator, text loaders, preprocessing jobs)."""
 
 from .dataset import Partition, open_dataset, write_arrays, write_dataset
 from .errors import (CirrusError, DatasetError, IncompleteDataset, NotFound, PartitionCorrupt,
@@ -7,11 +7,14 @@ from .errors import (CirrusError, DatasetError, IncompleteDataset, NotFound, Par
 from .ingest import load_libsvm, load_libsvm_async
 from .iterator import MinibatchIterator
 from .loaders import LoadError, parse_criteo, parse_csv, parse_libsvm
+from .preprocess import (MIN_MAX_SCALING, STANDARDIZATION, PreprocessError, feature_hashing,
+                         feature_hashing_async, load_stats, normalize, normalize_async)
 from .storage import open_store
 
 __all__ = [
     "load_libsvm", "load_libsvm_async", "open_dataset", "write_dataset", "write_arrays", "Partition",
-    "MinibatchIterator", "open_store", "parse_libsvm", "parse_csv", "parse_criteo",
+    "MinibatchIterator", "open_store", "normalize", "normalize_async", "feature_hashing",
+    "feature_hashing_async", "load_stats", "MIN_MAX_SCALING", "STANDARDIZATION", "PreprocessError", "parse_libsvm", "parse_csv", "parse_criteo",
     "CirrusError", "StorageError", "NotFound", "DatasetError", "IncompleteDataset", "PartitionError",
     "PartitionCorrupt", "PartitionVersionError", "LoadError",
 ]

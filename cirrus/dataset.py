@@ -30,7 +30,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -475,8 +475,10 @@ async def _encode(p: Partition) -> bytes:
 
 async def write_dataset(store_or_uri: str | os.PathLike[str] | Store, data: Any, *,
                         partition_bytes: int = DEFAULT_PARTITION_BYTES,
-                        n_features: int | None = None) -> dict[str, Any]:
-    """Write ``data`` as a dataset at ``store_or_uri``; return its manifest.
+                        n_features: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write ``data`` as a dataset at ``store_or_uri``; return its manifest. ``progress(n)`` is
+    called after each partition with the number written so far.
 
     ``data`` is a :class:`Partition` (split into ≈ ``partition_bytes`` partitions), or a (sync or async)
     iterable of rows ``(label, dense_row)`` / ``(label, (indices, values))`` (sparse rows need
@@ -490,11 +492,16 @@ async def write_dataset(store_or_uri: str | os.PathLike[str] | Store, data: Any,
         splitter = _Splitter(partition_bytes)
         entries: list[dict[str, Any]] = []
 
+        async def emit(p: Partition) -> None:
+            entries.append(await write_partition(store, len(entries), p))
+            if progress is not None:
+                progress(len(entries))
+
         async for piece in _pieces(data, n_features):
             for p in splitter.add(piece):
-                entries.append(await write_partition(store, len(entries), p))
+                await emit(p)
         for p in splitter.flush():
-            entries.append(await write_partition(store, len(entries), p))
+            await emit(p)
         if splitter.kind is None:
             if isinstance(data, Partition):  # zero rows
                 splitter.kind, splitter.n_features = data.kind, data.n_features
@@ -554,7 +561,8 @@ async def commit_dataset(store: Store, entries: list[dict[str, Any]], *, kind: s
 
 async def write_arrays(uri: str | os.PathLike[str] | Store, labels: Any, dense: Any = None,
                        csr: tuple[Any, Any, Any, int] | None = None, *,
-                       partition_bytes: int = DEFAULT_PARTITION_BYTES) -> dict[str, Any]:
+                       partition_bytes: int = DEFAULT_PARTITION_BYTES,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write numpy arrays: ``dense`` (n_rows x n_features) or ``csr=(indptr, indices, values, n_features)``."""
     if (dense is None) == (csr is None):
         raise ValueError("give exactly one of dense= or csr=")
@@ -563,7 +571,7 @@ async def write_arrays(uri: str | os.PathLike[str] | Store, labels: Any, dense: 
     else:
         indptr, indices, values, nf = csr  # type: ignore[misc]
         p = Partition(labels, indptr=indptr, indices=indices, values=values, n_features=nf)
-    return await write_dataset(uri, p, partition_bytes=partition_bytes)
+    return await write_dataset(uri, p, partition_bytes=partition_bytes, progress=progress)
 
 
 def write_arrays_sync(uri: str | os.PathLike[str], labels: Any, dense: Any = None,
