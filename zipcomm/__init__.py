@@ -33,11 +33,13 @@ from .errors import (
     ZipTimeout,
 )
 from .ops import MAX, MIN, PROD, SUM
+from .rpc import RemoteError, RpcClient, RpcPeer, RpcServer, rpc_connect, serve_rpc
 from .runtime import Runtime, connect
 from .sync import BroadcastChannel, ReduceChannel, ShuffleChannel
 
 __all__ = [
     "connect", "Runtime", "Controller",
+    "serve_rpc", "rpc_connect", "RpcServer", "RpcClient", "RpcPeer", "RemoteError",
     "BroadcastChannel", "ReduceChannel", "ShuffleChannel",
     "SENDER", "RECEIVER", "BOTH",
     "SUM", "MIN", "MAX", "PROD",
