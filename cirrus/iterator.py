@@ -20,7 +20,8 @@ Minibatches never span two partitions (the last one of a partition may be smalle
 ``drop_last=True`` skips those). Their arrays are read-only views into the partition's bytes; a CSR
 minibatch's ``indptr`` is rebased to start at 0 (a copy of ``batch_size + 1`` integers).
 
-``order="random"``: each epoch visits every partition exactly once, in an order drawn from
+``partitions=[...]`` restricts the iterator to those partitions (e.g. a training split).
+``order="random"``: each epoch visits every (chosen) partition exactly once, in an order drawn from
 ``(seed, epoch)`` — give each worker its own seed. ``epochs=None`` repeats forever.
 
 ``aclose()`` (or leaving ``async with``) cancels and awaits every background fetch. A failed fetch
@@ -53,7 +54,8 @@ class Minibatch(Partition):
 class MinibatchIterator:
     def __init__(self, dataset: Dataset, batch_size: int, *, prefetch_bytes: int = 64 << 20,
                  order: str = "sequential", seed: int = 0, epochs: int | None = 1,
-                 max_concurrency: int = 4, drop_last: bool = False) -> None:
+                 max_concurrency: int = 4, drop_last: bool = False,
+                 partitions: list[int] | None = None) -> None:
         if batch_size <= 0:
             raise ValueError("batch_size must be > 0")
         if prefetch_bytes < 0:
@@ -64,6 +66,12 @@ class MinibatchIterator:
             raise ValueError("epochs must be >= 0 or None (forever)")
         if max_concurrency <= 0:
             raise ValueError("max_concurrency must be > 0")
+        if partitions is not None:
+            partitions = [int(i) for i in partitions]
+            bad = [i for i in partitions if not 0 <= i < dataset.n_partitions]
+            if bad:
+                raise ValueError(f"partitions {bad[:5]} out of range 0..{dataset.n_partitions - 1}")
+        self.partitions = partitions
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.prefetch_bytes = int(prefetch_bytes)
@@ -90,15 +98,16 @@ class MinibatchIterator:
     # -- schedule ------------------------------------------------------------------------------------
     def partition_order(self, epoch: int) -> list[int]:
         """The order in which partitions are visited in ``epoch``."""
-        n = self.dataset.n_partitions
+        chosen = self.partitions if self.partitions is not None else list(range(self.dataset.n_partitions))
         if self.order == "sequential":
-            return list(range(n))
-        return np.random.default_rng([int(self.seed), int(epoch)]).permutation(n).tolist()
+            return list(chosen)
+        perm = np.random.default_rng([int(self.seed), int(epoch)]).permutation(len(chosen))
+        return [chosen[i] for i in perm]
 
     def _make_schedule(self) -> Iterator[tuple[int, int]]:
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            if self.dataset.n_partitions == 0:
+            if not self.partition_order(epoch):
                 return
             for i in self.partition_order(epoch):
                 yield epoch, i
