@@ -1,0 +1,344 @@
+"""Training tasks: the thesis's figure 3.5 (b) API.
+
+::
+
+    params = {"n_workers": 5, "n_ps": 1, "worker_size": 1024, "dataset": "criteo_norm",
+              "epsilon": 0.0001, "timeout": 20 * 60, "model_size": 2**19}
+    lr_task = cirrus.LogisticRegression(params)
+    result = lr_task.run()          # or: await lr_task.run_async()
+
+``run`` starts the parameter server (``n_ps`` shard processes), ``n_workers`` worker processes
+(each an async loop: prefetching iterator -> pull -> gradient -> push without waiting) and evaluates
+the held-out metric every ``eval_interval`` seconds on the last ``test_fraction`` of the dataset's
+partitions (never trained on). It stops at ``timeout``, at ``target_loss``, when the held-out loss
+changed by less than ``epsilon`` over ``patience`` evaluations, when every worker reached
+``max_updates``, or on :meth:`Task.kill`. Every parameter is validated and used; an unknown one is
+an error (with the closest valid name), so a typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import zipcomm
+
+from .dataset import open_dataset
+from .errors import CirrusError
+from .launch import LocalLauncher
+from .models import make_model
+from .optim import OPTIMIZERS
+from .ps.client import PSClient
+
+LAMBDA_PRICE_PER_GB_SECOND = 0.0000166667  # AWS Lambda x86, per GB-second
+
+
+class TrainingError(CirrusError):
+    """Training could not start or failed (the parameter server or every worker died)."""
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _num(lo: float = -math.inf, lo_open: bool = False, hi: float = math.inf, hi_open: bool = False):
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    return ok
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+# name: (check, default, what a valid value is)
+PARAMS: dict[str, tuple[Any, Any, str]] = {
+    "dataset": (lambda v: isinstance(v, str) and v != "", None, "a dataset URI (folder or s3://...)"),
+    "n_workers": (_pos_int, 2, "an integer >= 1"),
+    "n_ps": (_pos_int, 1, "an integer >= 1 (parameter-server shard processes)"),
+    "worker_size": (lambda v: _pos_int(v) and v >= 128, 1024, "MB per worker, an integer >= 128"),
+    "model_size": (_pos_int, 2 ** 20, "an integer >= 1 (hashed features)"),
+    "learning_rate": (_num(0, True), 0.1, "a number > 0"),
+    "minibatch_size": (_pos_int, 20, "an integer >= 1"),
+    "opt_method": (lambda v: v in OPTIMIZERS, "adagrad", f"one of {OPTIMIZERS}"),
+    "l2": (_num(0), 0.0, "a number >= 0 (L2 regularization)"),
+    "momentum": (_num(0, hi=1, hi_open=True), 0.9, "a number in [0, 1)"),
+    "beta1": (_num(0, hi=1, hi_open=True), 0.9, "a number in [0, 1)"),
+    "beta2": (_num(0, hi=1, hi_open=True), 0.999, "a number in [0, 1)"),
+    "grad_threshold": (_num(0), 0.0, "a number >= 0 (smaller gradient coordinates are not applied)"),
+    "epsilon": (_num(0), 0.0001, "a number >= 0 (stop when the held-out loss changes less)"),
+    "patience": (_pos_int, 3, "an integer >= 1 (evaluations within epsilon before stopping)"),
+    "timeout": (_num(0, True), 600.0, "seconds > 0"),
+    "target_loss": (_opt(_num()), None, "a number, or None"),
+    "max_updates": (_opt(_pos_int), None, "updates per worker incarnation, or None"),
+    "eval_interval": (_num(0, True), 1.0, "seconds > 0"),
+    "test_fraction": (_num(0, True, 1, True), 0.1, "a number in (0, 1): the held-out share of partitions"),
+    "lifetime": (_opt(_num(0, True)), None, "seconds > 0 (retire and replace workers), or None"),
+    "max_staleness": (_opt(lambda v: isinstance(v, int) and v >= 0), None, "an integer >= 0, or None"),
+    "compress": (lambda v: isinstance(v, bool), False, "True or False (float16 pulls and pushes)"),
+    "prefetch": (lambda v: isinstance(v, bool), True, "True or False"),
+    "checkpoint": (_opt(lambda v: isinstance(v, str) and v != ""), None, "a folder / s3 URI, or None"),
+    "checkpoint_every": (_num(0), 0.0, "seconds >= 0"),
+    "seed": (lambda v: isinstance(v, int) and v >= 0, 0, "an integer >= 0"),
+    "price_per_gb_second": (_num(0), LAMBDA_PRICE_PER_GB_SECOND, "a number >= 0"),
+    "ps_price_per_hour": (_num(0), 0.0, "a number >= 0 (per shard)"),
+}
+
+
+def validate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with defaults filled in; ValueError for an unknown name or a bad value."""
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict, not {type(params).__name__}")
+    for k in params:
+        if k not in PARAMS:
+            close = difflib.get_close_matches(str(k), PARAMS, n=1)
+            raise ValueError(f"unknown parameter {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; valid: {', '.join(sorted(PARAMS))}")
+    out = {}
+    for k, (check, default, what) in PARAMS.items():
+        v = params.get(k, default)
+        if k == "dataset" and v is None:
+            raise ValueError("parameter 'dataset' is required (a dataset URI)")
+        if not check(v):
+            raise ValueError(f"parameter {k!r} must be {what}, got {v!r}")
+        out[k] = v
+    return out
+
+
+class Task:
+    """One training run of a model (see the module docstring)."""
+
+    model_name = ""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = validate_params(params)
+        self.time_loss: list[tuple[float, float]] = []
+        self.metrics: list[dict[str, float]] = []
+        self.updates = 0
+        self._worker_updates: dict[str, int] = {}
+        self._train_loss: list[tuple[float, float]] = []
+        self._began: float | None = None
+        self._ended: float | None = None
+        self._kill: asyncio.Event | None = None
+        self._killed = False
+        self._launcher: LocalLauncher | None = None
+        self.stop_reason = ""
+        self.ps_stats: list[dict] = []
+
+    # -- model-specific ------------------------------------------------------------------------------
+    def _model(self) -> Any:
+        return make_model(self.model_name, **self._model_args())
+
+    def _model_args(self) -> dict[str, Any]:
+        return {}
+
+    # -- live metrics ----------------------------------------------------------------------------------
+    def get_time_loss(self) -> list[tuple[float, float]]:
+        """(seconds since start, held-out loss) of every evaluation so far."""
+        return list(self.time_loss)
+
+    def get_updates_per_second(self) -> float:
+        if self._began is None:
+            return 0.0
+        secs = (self._ended or time.monotonic()) - self._began
+        return self.updates / secs if secs > 0 else 0.0
+
+    def worker_seconds(self) -> float:
+        return self._launcher.running_worker_seconds() if self._launcher is not None else 0.0
+
+    def cost(self) -> float:
+        """Cost so far: worker-seconds x worker_size x price, plus parameter-server time."""
+        p = self.params
+        ws = self.worker_seconds() * p["worker_size"] / 1024 * p["price_per_gb_second"]
+        secs = ((self._ended or time.monotonic()) - self._began) if self._began is not None else 0.0
+        return ws + p["n_ps"] * secs / 3600 * p["ps_price_per_hour"]
+
+    def kill(self) -> None:
+        """Stop this experiment now: its workers are killed at once, then the run ends."""
+        self._killed = True
+        if self._launcher is not None:
+            self._launcher.kill_now()
+        if self._kill is not None:
+            self._kill.set()
+
+    # -- running -------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train until a stop condition; return the result (blocking)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.run_async())
+        raise RuntimeError("run() called from a running event loop: await run_async()")
+
+    async def run_async(self) -> dict[str, Any]:
+        p = self.params
+        self._kill = asyncio.Event()
+        if self._killed:
+            self._kill.set()
+        model = self._model()
+        async with await open_dataset(p["dataset"]) as ds:
+            model.check_dataset(ds.kind, ds.n_features)
+            n = ds.n_partitions
+            if n < 2:
+                raise ValueError(f"dataset {ds.uri} has {n} partition(s); training needs >= 2 (train + held-out)")
+            n_test = min(n - 1, max(1, round(n * p["test_fraction"])))
+            train_parts, test_parts = list(range(n - n_test)), list(range(n - n_test, n))
+            test = [await ds.read_partition(i) for i in test_parts]
+        async with contextlib.AsyncExitStack() as stack:
+            server = await zipcomm.serve_rpc("127.0.0.1:0", self._on_report)
+            stack.push_async_callback(server.aclose)
+            addrs, ps_proc = await self._start_ps(stack)
+            ps = await stack.enter_async_context(PSClient(addrs))
+            hyper = {"lr": p["learning_rate"], "l2": p["l2"], "grad_threshold": p["grad_threshold"]}
+            if p["opt_method"] in ("momentum", "nesterov"):
+                hyper["momentum"] = p["momentum"]
+            if p["opt_method"] == "adam":
+                hyper.update(beta1=p["beta1"], beta2=p["beta2"])
+            for name, rows, cols in model.tables():
+                await ps.create(name, rows, cols, optimizer=p["opt_method"], hyper=hyper)
+            spec = {"model": self.model_name, "model_args": self._model_args(), "dataset": p["dataset"],
+                    "ps": addrs, "driver": server.address, "seed": p["seed"], "minibatch_size": p["minibatch_size"],
+                    "compress": p["compress"], "partitions": train_parts, "max_updates": p["max_updates"],
+                    "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
+                    "prefetch_concurrency": 4 if p["prefetch"] else 1}
+            self._launcher = LocalLauncher(spec, p["n_workers"], worker_size_mb=p["worker_size"],
+                                           lifetime=p["lifetime"], retire=ps.retire)
+            if self._killed:
+                self._launcher.kill_now()
+            self._began = time.monotonic()
+            try:
+                await self._launcher.start()
+                await self._loop(ps, model, test, ps_proc)
+            finally:
+                await self._launcher.stop()
+                self._ended = time.monotonic()
+                with contextlib.suppress(Exception):
+                    self.ps_stats = await asyncio.wait_for(ps.stats(), 5)
+        return self.result()
+
+    async def _start_ps(self, stack: contextlib.AsyncExitStack) -> tuple[list[str], asyncio.subprocess.Process]:
+        p = self.params
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-"))
+        ready = os.path.join(tmp, "ps.json")
+        cmd = [sys.executable, "-m", "cirrus.ps", "--shards", str(p["n_ps"]), "--ready-file", ready]
+        if p["checkpoint"]:
+            cmd += ["--checkpoint", p["checkpoint"], "--checkpoint-every", str(p["checkpoint_every"]), "--resume"]
+        if p["max_staleness"] is not None:
+            cmd += ["--max-staleness", str(p["max_staleness"])]
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, start_new_session=True)
+
+        async def stop_ps() -> None:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+
+        stack.push_async_callback(stop_ps)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while not os.path.exists(ready):  # the ready file appears once every shard listens
+            if proc.returncode is not None or loop.time() > give_up:
+                raise TrainingError(f"the parameter server did not start (exit code {proc.returncode})")
+            await asyncio.sleep(0.02)
+        with open(ready) as f:
+            return json.load(f)["shards"], proc
+
+    def _on_report(self, method: str, data: Any, peer: Any) -> None:
+        if method != "progress":
+            raise ValueError(f"unknown driver call {method!r}")
+        key = f"{data['worker']}/{data['inc']}"
+        before = self._worker_updates.get(key, 0)
+        self._worker_updates[key] = int(data["updates"])
+        self.updates += int(data["updates"]) - before
+        if data.get("loss_n"):
+            self._train_loss.append((self._elapsed(), data["loss_sum"] / data["loss_n"]))
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._began if self._began is not None else 0.0
+
+    async def _evaluate(self, ps: PSClient, model: Any, test: list) -> dict[str, float]:
+        tables = {name: await ps.pull_all(name, rows) for name, rows, _ in model.tables()}
+        return await asyncio.to_thread(model.evaluate, tables, test)
+
+    async def _loop(self, ps: PSClient, model: Any, test: list, ps_proc: asyncio.subprocess.Process) -> None:
+        p = self.params
+        assert self._kill is not None and self._launcher is not None
+        within = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._kill.wait(), p["eval_interval"])
+                self.stop_reason = "killed"
+                return
+            except TimeoutError:
+                pass
+            if ps_proc.returncode is not None:
+                raise TrainingError(f"the parameter server exited (code {ps_proc.returncode})")
+            m = await self._evaluate(ps, model, test)
+            self.metrics.append({"time": self._elapsed(), **m, "updates": self.updates})
+            loss = m[model.metric]
+            self.time_loss.append((self._elapsed(), loss))
+            if len(self.time_loss) >= 2 and abs(self.time_loss[-2][1] - loss) < p["epsilon"]:
+                within += 1
+            else:
+                within = 0
+            if not math.isfinite(loss):
+                self.stop_reason = "diverged"
+                return
+            if p["target_loss"] is not None and loss <= p["target_loss"]:
+                self.stop_reason = "target loss reached"
+                return
+            if within >= p["patience"]:
+                self.stop_reason = "converged (epsilon)"
+                return
+            if self._elapsed() >= p["timeout"]:
+                self.stop_reason = "timeout"
+                return
+            if p["max_updates"] is not None and p["lifetime"] is None and \
+                    all(s.proc is not None and s.proc.returncode is not None for s in self._launcher.slots):
+                self.stop_reason = "max_updates reached"
+                return
+            if p["max_updates"] is None:
+                await self._launcher.maintain()
+
+    def result(self) -> dict[str, Any]:
+        last = self.metrics[-1] if self.metrics else {}
+        return {
+            "model": self.model_name, "stop_reason": self.stop_reason,
+            "seconds": (self._ended or time.monotonic()) - (self._began or time.monotonic()),
+            "final": last, "time_loss": self.get_time_loss(), "updates": self.updates,
+            "updates_per_second": self.get_updates_per_second(), "cost": self.cost(),
+            "worker_seconds": self.worker_seconds(),
+            "workers_started": self._launcher.started_total if self._launcher else 0,
+            "worker_deaths": self._launcher.deaths if self._launcher else 0,
+            "ps": {k: sum(s.get(k, 0) for s in self.ps_stats) for k in
+                   ("applied", "refused_zombie", "refused_duplicate", "refused_stale")},
+            "staleness_max": max((s.get("staleness_max", 0) for s in self.ps_stats), default=0),
+        }
+
+
+class LogisticRegression(Task):
+    """Sparse logistic regression on hashed features (labels 0/1 or -1/1)."""
+
+    model_name = "logistic_regression"
+
+    def _model_args(self) -> dict[str, Any]:
+        return {"model_size": self.params["model_size"]}
+
+
+LRegression = LogisticRegression  # the name thesis figure 3.5 (c) uses
