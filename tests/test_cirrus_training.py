@@ -1,0 +1,131 @@
+"""cirrus training end to end: real PS shard processes, real worker processes, held-out loss."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+from cirrus.dataset import write_arrays_sync
+from cirrus.generators import criteo_like
+from cirrus.training import LogisticRegression, validate_params
+
+BITS = 10
+MODEL = 2 ** 11
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    data, _ = criteo_like(40_000, hash_bits=BITS, seed=3)
+    uri = str(tmp_path_factory.mktemp("train") / "ds")
+    write_arrays_sync(uri, data.labels, csr=(data.indptr, data.indices, data.values, data.n_features),
+                      partition_bytes=150_000)
+    return uri, data
+
+
+def _sklearn_logloss(data, uri) -> float:
+    """scikit-learn's LogisticRegression on the same train / held-out split as the task."""
+    from sklearn.linear_model import LogisticRegression as SkLR
+    from sklearn.metrics import log_loss
+    from scipy.sparse import csr_matrix
+
+    import asyncio as aio
+    from cirrus import open_dataset
+
+    async def split():
+        async with await open_dataset(uri) as ds:
+            n = ds.n_partitions
+            n_test = min(n - 1, max(1, round(n * 0.1)))
+            rows = sum(ds.partition_rows(i) for i in range(n - n_test))
+            return rows
+    n_train = aio.run(split())
+    X = csr_matrix((data.values, data.indices, data.indptr), shape=(data.n_rows, MODEL))
+    y = data.labels
+    clf = SkLR(C=1.0, max_iter=5000).fit(X[:n_train], y[:n_train])
+    return log_loss(y[n_train:], clf.predict_proba(X[n_train:])[:, 1])
+
+
+def test_lr_reaches_near_sklearn_held_out_loss(dataset) -> None:
+    uri, data = dataset
+    task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 12,
+                               "learning_rate": 0.1, "opt_method": "adagrad", "eval_interval": 1.0,
+                               "epsilon": 0.0, "minibatch_size": 20})
+    r = task.run()
+    losses = [loss for _, loss in r["time_loss"]]
+    assert r["stop_reason"] == "timeout" and len(losses) >= 5
+    assert losses[-1] < losses[0]
+    ref = _sklearn_logloss(data, uri)
+    print("held-out log loss", r["final"]["log_loss"], "sklearn", ref, "updates", r["updates"])
+    assert r["final"]["log_loss"] <= ref * 1.10, (r["final"], ref)
+    assert r["updates"] > 1000 and r["ps"]["applied"] >= r["updates"] * 0.9
+    assert r["cost"] > 0 and r["worker_seconds"] > 0
+
+
+def test_parameters_are_validated_with_suggestions() -> None:
+    with pytest.raises(ValueError, match="did you mean 'minibatch_size'"):
+        validate_params({"dataset": "x", "minibach_size": 20})
+    with pytest.raises(ValueError, match="opt_method"):
+        validate_params({"dataset": "x", "opt_method": "rmsprop"})
+    with pytest.raises(ValueError, match="'dataset' is required"):
+        validate_params({})
+    with pytest.raises(ValueError, match="learning_rate"):
+        validate_params({"dataset": "x", "learning_rate": -1})
+    with pytest.raises(ValueError, match="n_workers"):
+        validate_params({"dataset": "x", "n_workers": True})
+    p = validate_params({"dataset": "x", "opt_method": "adam"})
+    assert p["opt_method"] == "adam" and p["minibatch_size"] == 20
+
+
+async def _until(pred, what: str, limit: float = 30.0) -> None:
+    """Poll ``pred`` under a deadline."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + limit
+    while not pred():
+        if loop.time() > give_up:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_killed_workers_are_replaced_and_lifetimes_make_generations(dataset) -> None:
+    uri, _ = dataset
+
+    async def go():
+        task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 8,
+                                   "eval_interval": 0.5, "epsilon": 0.0, "lifetime": 2.5})
+        run = asyncio.create_task(task.run_async())
+        await _until(lambda: task.time_loss or run.done(), "the first evaluation")
+        os.kill(task._launcher.pids()[0], 9)  # SIGKILL a worker: a new incarnation replaces it
+        return await asyncio.wait_for(run, 60)
+
+    r = asyncio.run(go())
+    assert r["worker_deaths"] >= 1
+    assert r["workers_started"] >= 2 + 1 + 2  # initial, the replacement, at least one lifetime generation
+    losses = [loss for _, loss in r["time_loss"]]
+    assert losses[-1] < losses[0]  # training carried on across generations
+
+
+def test_kill_stops_workers_within_a_second(dataset) -> None:
+    uri, _ = dataset
+
+    async def go():
+        task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 60,
+                                   "eval_interval": 0.3})
+        run = asyncio.create_task(task.run_async())
+        await _until(lambda: task.time_loss or run.done(), "the first evaluation")
+        pids = task._launcher.pids()
+        task.kill()
+        await _until(lambda: all(_dead(p) for p in pids), "the workers to die", limit=1.0)
+        return pids, await asyncio.wait_for(run, 30)
+
+    pids, r = asyncio.run(go())
+    assert len(pids) == 2 and r["stop_reason"] == "killed"
