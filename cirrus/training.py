@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 import zipcomm
 
 from .dataset import open_dataset
@@ -96,20 +98,22 @@ PARAMS: dict[str, tuple[Any, Any, str]] = {
 }
 
 
-def validate_params(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with defaults filled in; ValueError for an unknown name or a bad value."""
+def validate_params(params: dict[str, Any], extra: dict[str, tuple[Any, Any, str]] | None = None) -> dict[str, Any]:
+    """``params`` with defaults filled in; ValueError for an unknown name or a bad value.
+    ``extra``: the model's own parameters (same form as :data:`PARAMS`; default None = required)."""
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict, not {type(params).__name__}")
+    known = {**PARAMS, **(extra or {})}
     for k in params:
-        if k not in PARAMS:
-            close = difflib.get_close_matches(str(k), PARAMS, n=1)
+        if k not in known:
+            close = difflib.get_close_matches(str(k), known, n=1)
             raise ValueError(f"unknown parameter {k!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + f"; valid: {', '.join(sorted(PARAMS))}")
+                             + f"; valid: {', '.join(sorted(known))}")
     out = {}
-    for k, (check, default, what) in PARAMS.items():
+    for k, (check, default, what) in known.items():
         v = params.get(k, default)
-        if k == "dataset" and v is None:
-            raise ValueError("parameter 'dataset' is required (a dataset URI)")
+        if v is None and (k == "dataset" or k in (extra or {})):
+            raise ValueError(f"parameter {k!r} is required ({what})")
         if not check(v):
             raise ValueError(f"parameter {k!r} must be {what}, got {v!r}")
         out[k] = v
@@ -122,7 +126,7 @@ class Task:
     model_name = ""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.params = validate_params(params)
+        self.params = validate_params(params, self.extra_params)
         self.time_loss: list[tuple[float, float]] = []
         self.metrics: list[dict[str, float]] = []
         self.updates = 0
@@ -137,10 +141,10 @@ class Task:
         self.ps_stats: list[dict] = []
 
     # -- model-specific ------------------------------------------------------------------------------
-    def _model(self) -> Any:
-        return make_model(self.model_name, **self._model_args())
+    extra_params: dict[str, tuple[Any, Any, str]] = {}
 
-    def _model_args(self) -> dict[str, Any]:
+    async def _model_args(self, ds: Any) -> dict[str, Any]:
+        """The model's constructor arguments (it may read the dataset's manifest or data)."""
         return {}
 
     # -- live metrics ----------------------------------------------------------------------------------
@@ -186,15 +190,24 @@ class Task:
         self._kill = asyncio.Event()
         if self._killed:
             self._kill.set()
-        model = self._model()
         async with await open_dataset(p["dataset"]) as ds:
+            model_args = await self._model_args(ds)
+            model = make_model(self.model_name, **model_args)
             model.check_dataset(ds.kind, ds.n_features)
             n = ds.n_partitions
-            if n < 2:
-                raise ValueError(f"dataset {ds.uri} has {n} partition(s); training needs >= 2 (train + held-out)")
-            n_test = min(n - 1, max(1, round(n * p["test_fraction"])))
-            train_parts, test_parts = list(range(n - n_test)), list(range(n - n_test, n))
-            test = [await ds.read_partition(i) for i in test_parts]
+            if model.holdout == "entries":  # held-out entries are spread over every partition
+                train_parts, test_parts = list(range(n)), list(range(n))
+            else:
+                if n < 2:
+                    raise ValueError(f"dataset {ds.uri} has {n} partition(s); training needs >= 2 "
+                                     "(train + held-out)")
+                n_test = min(n - 1, max(1, round(n * p["test_fraction"])))
+                train_parts, test_parts = list(range(n - n_test)), list(range(n - n_test, n))
+            test = []
+            for i in test_parts:
+                part = await ds.read_partition(i)
+                part.partition, part.start = i, 0  # where its rows are (models that key on row ids)
+                test.append(part)
         async with contextlib.AsyncExitStack() as stack:
             server = await zipcomm.serve_rpc("127.0.0.1:0", self._on_report)
             stack.push_async_callback(server.aclose)
@@ -205,9 +218,12 @@ class Task:
                 hyper["momentum"] = p["momentum"]
             if p["opt_method"] == "adam":
                 hyper.update(beta1=p["beta1"], beta2=p["beta2"])
-            for name, rows, cols in model.tables():
-                await ps.create(name, rows, cols, optimizer=p["opt_method"], hyper=hyper)
-            spec = {"model": self.model_name, "model_args": self._model_args(), "dataset": p["dataset"],
+            for name, rows, cols, overrides in model.tables():
+                table_spec = {"optimizer": p["opt_method"], "hyper": hyper, **overrides}
+                if table_spec["optimizer"] == "add":
+                    table_spec.pop("hyper")
+                await ps.create(name, rows, cols, **table_spec)
+            spec = {"model": self.model_name, "model_args": model_args, "dataset": p["dataset"],
                     "ps": addrs, "driver": server.address, "seed": p["seed"], "minibatch_size": p["minibatch_size"],
                     "compress": p["compress"], "partitions": train_parts, "max_updates": p["max_updates"],
                     "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
@@ -273,7 +289,7 @@ class Task:
         return time.monotonic() - self._began if self._began is not None else 0.0
 
     async def _evaluate(self, ps: PSClient, model: Any, test: list) -> dict[str, float]:
-        tables = {name: await ps.pull_all(name, rows) for name, rows, _ in model.tables()}
+        tables = {name: await ps.pull_all(name, rows) for name, rows, _, _ in model.tables()}
         return await asyncio.to_thread(model.evaluate, tables, test)
 
     async def _loop(self, ps: PSClient, model: Any, test: list, ps_proc: asyncio.subprocess.Process) -> None:
@@ -337,8 +353,59 @@ class LogisticRegression(Task):
 
     model_name = "logistic_regression"
 
-    def _model_args(self) -> dict[str, Any]:
+    async def _model_args(self, ds: Any) -> dict[str, Any]:
         return {"model_size": self.params["model_size"]}
 
 
 LRegression = LogisticRegression  # the name thesis figure 3.5 (c) uses
+
+
+class Softmax(Task):
+    """Multinomial logistic regression (sparse or dense rows, labels 0..n_classes-1)."""
+
+    model_name = "softmax"
+    extra_params = {"n_classes": (lambda v: isinstance(v, int) and v >= 2, None, "an integer >= 2")}
+
+    async def _model_args(self, ds: Any) -> dict[str, Any]:
+        return {"n_features": ds.n_features, "n_classes": self.params["n_classes"]}
+
+
+class CollaborativeFiltering(Task):
+    """Biased matrix factorization; dataset rows are users (indices = items, values = ratings).
+    RMSE on a fixed ``test_fraction`` of the (user, item) pairs that is never trained on."""
+
+    model_name = "collaborative_filtering"
+    extra_params = {"rank": (lambda v: isinstance(v, int) and v >= 1, 10, "an integer >= 1"),
+                    "init_scale": (_num(0, True), 0.1, "a number > 0 (std of the initial factors)")}
+
+    async def _model_args(self, ds: Any) -> dict[str, Any]:
+        from .models import held_out
+
+        offsets, total, count, row = [], 0.0, 0, 0
+        for i in range(ds.n_partitions):  # mu = the mean training rating
+            offsets.append(row)
+            part = await ds.read_partition(i)
+            lo, hi = int(part.indptr[0]), int(part.indptr[-1])
+            users = row + np.repeat(np.arange(part.n_rows), np.diff(part.indptr))
+            keep = ~held_out(users, np.asarray(part.indices[lo:hi], np.int64), self.params["test_fraction"])
+            total += float(np.asarray(part.values[lo:hi], np.float64)[keep].sum())
+            count += int(keep.sum())
+            row += part.n_rows
+        return {"n_users": ds.n_rows, "n_items": ds.n_features, "rank": self.params["rank"],
+                "mu": total / max(count, 1), "row_offsets": offsets,
+                "test_fraction": self.params["test_fraction"], "init_scale": self.params["init_scale"]}
+
+
+class LDA(Task):
+    """Latent Dirichlet allocation (collapsed Gibbs); dataset rows are documents (indices = word
+    ids, values = counts). Metric: held-out perplexity (fold-in on the held-out documents)."""
+
+    model_name = "lda"
+    extra_params = {"n_topics": (lambda v: isinstance(v, int) and v >= 2, 10, "an integer >= 2"),
+                    "alpha": (_num(0, True), 0.1, "a number > 0 (document-topic prior)"),
+                    "beta": (_num(0, True), 0.01, "a number > 0 (topic-word prior)")}
+
+    async def _model_args(self, ds: Any) -> dict[str, Any]:
+        p = self.params
+        return {"vocab_size": ds.n_features, "n_topics": p["n_topics"], "alpha": p["alpha"], "beta": p["beta"],
+                "seed": p["seed"]}

@@ -34,8 +34,11 @@ async def _watch_stdin(stop: asyncio.Event) -> None:
 
 
 async def train(spec: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
-    model = make_model(spec["model"], **spec["model_args"])
     worker, inc = str(spec["worker"]), int(spec["inc"])
+    args = dict(spec["model_args"])
+    if "seed" in args:  # a sampling model: each worker incarnation draws its own random numbers
+        args["seed"] = [int(args["seed"]), int(worker.lstrip("w") or 0), inc]
+    model = make_model(spec["model"], **args)
     updates, loss_sum, loss_n = 0, 0.0, 0
     driver = await zipcomm.rpc_connect(spec["driver"]) if spec.get("driver") else None
     last_report = time.monotonic()
