@@ -93,6 +93,13 @@ PARAMS: dict[str, tuple[Any, Any, str]] = {
     "checkpoint": (_opt(lambda v: isinstance(v, str) and v != ""), None, "a folder / s3 URI, or None"),
     "checkpoint_every": (_num(0), 0.0, "seconds >= 0"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, 0, "an integer >= 0"),
+    "launcher": (lambda v: v in ("local", "lambda"), "local", "'local' (worker processes here) or 'lambda' "
+                 "(AWS Lambda invocations through aiobotocore)"),
+    "lambda_function": (lambda v: isinstance(v, str) and v != "", "cirrus-worker",
+                        "the Lambda function running cirrus.lambda_handler.handler"),
+    "lambda_endpoint": (_opt(lambda v: isinstance(v, str) and v != ""), None,
+                        "a Lambda endpoint URL, or None for the standard AWS settings"),
+    "lambda_timeout": (_num(0, True), 900.0, "the function's timeout in seconds"),
     "price_per_gb_second": (_num(0), LAMBDA_PRICE_PER_GB_SECOND, "a number >= 0"),
     "ps_price_per_hour": (_num(0), 0.0, "a number >= 0 (per shard)"),
 }
@@ -136,7 +143,7 @@ class Task:
         self._ended: float | None = None
         self._kill: asyncio.Event | None = None
         self._killed = False
-        self._launcher: LocalLauncher | None = None
+        self._launcher: Any = None
         self.stop_reason = ""
         self.ps_stats: list[dict] = []
 
@@ -228,8 +235,17 @@ class Task:
                     "compress": p["compress"], "partitions": train_parts, "max_updates": p["max_updates"],
                     "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
                     "prefetch_concurrency": 4 if p["prefetch"] else 1}
-            self._launcher = LocalLauncher(spec, p["n_workers"], worker_size_mb=p["worker_size"],
-                                           lifetime=p["lifetime"], retire=ps.retire)
+            if p["launcher"] == "lambda":
+                from .lambda_launch import LambdaLauncher
+
+                self._launcher = LambdaLauncher(spec, p["n_workers"], worker_size_mb=p["worker_size"],
+                                                lifetime=p["lifetime"], retire=ps.retire,
+                                                function_name=p["lambda_function"],
+                                                function_timeout=p["lambda_timeout"],
+                                                endpoint_url=p["lambda_endpoint"])
+            else:
+                self._launcher = LocalLauncher(spec, p["n_workers"], worker_size_mb=p["worker_size"],
+                                               lifetime=p["lifetime"], retire=ps.retire)
             if self._killed:
                 self._launcher.kill_now()
             self._began = time.monotonic()

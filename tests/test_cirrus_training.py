@@ -129,3 +129,28 @@ def test_kill_stops_workers_within_a_second(dataset) -> None:
 
     pids, r = asyncio.run(go())
     assert len(pids) == 2 and r["stop_reason"] == "killed"
+
+
+def test_lr_on_lambda_workers_through_a_local_invoke_endpoint(dataset, monkeypatch) -> None:
+    """launcher='lambda': workers are invoked through aiobotocore against a local server that
+    speaks the Lambda Invoke API and runs cirrus.lambda_handler.handler in subprocesses."""
+    from cirrus.lambda_local import LambdaServer
+
+    uri, _ = dataset
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    async def go():
+        async with LambdaServer({"cirrus-worker": "cirrus.lambda_handler:handler"}, timeout=60) as server:
+            task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 6,
+                                       "eval_interval": 1.0, "epsilon": 0.0, "launcher": "lambda",
+                                       "lambda_endpoint": server.endpoint_url, "lambda_timeout": 60})
+            r = await task.run_async()
+            await _until(lambda: not server.running_pids(), "the invocations to end", limit=20)
+            return r, server.invocations
+
+    r, invocations = asyncio.run(go())
+    assert invocations == 2 and r["stop_reason"] == "timeout"
+    losses = [loss for _, loss in r["time_loss"]]
+    assert r["ps"]["applied"] > 200 and losses[-1] < losses[0]
