@@ -127,6 +127,68 @@ def validate_params(params: dict[str, Any], extra: dict[str, tuple[Any, Any, str
     return out
 
 
+class _PSProcess:
+    """The parameter server of one task: ``python -m cirrus.ps`` (a supervisor and its shard
+    processes, in their own process group) and the driver's client of it."""
+
+    def __init__(self, params: dict[str, Any], workdir: str) -> None:
+        self.params = params
+        self.workdir = workdir
+        self.proc: asyncio.subprocess.Process | None = None
+        self.client: PSClient | None = None  # type: ignore[assignment]
+        self.addresses: list[str] = []
+        self.generation = 0
+
+    async def start(self, model: Any, tables: list[tuple[str, int, int, dict]]) -> None:
+        p = self.params
+        self.generation += 1
+        ready = os.path.join(self.workdir, f"ps-{self.generation}.json")
+        cmd = [sys.executable, "-m", "cirrus.ps", "--shards", str(p["n_ps"]), "--ready-file", ready]
+        if p["checkpoint"]:
+            cmd += ["--checkpoint", p["checkpoint"], "--checkpoint-every", str(p["checkpoint_every"]), "--resume"]
+        if p["max_staleness"] is not None:
+            cmd += ["--max-staleness", str(p["max_staleness"])]
+        self.proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                         start_new_session=True)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 60
+        while not os.path.exists(ready):  # the ready file appears once every shard listens
+            if self.proc.returncode is not None or loop.time() > give_up:
+                await self.stop()
+                raise TrainingError(f"the parameter server did not start (exit code {self.proc.returncode})")
+            await asyncio.sleep(0.02)
+        with open(ready) as f:
+            self.addresses = json.load(f)["shards"]
+        self.client = await PSClient(self.addresses).connect()
+        for name, rows, cols, spec in tables:  # idempotent when resumed from a checkpoint
+            await self.client.create(name, rows, cols, **spec)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and \
+            not any(c.closed for c in self.client.clients)
+
+    async def retire(self, worker: str, inc: int) -> None:
+        with contextlib.suppress(zipcomm.ZipError):  # a dead server refuses everyone anyway
+            await self.client.retire(worker, inc)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                pass
+        with contextlib.suppress(ProcessLookupError):  # any shard left in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
 class Task:
     """One training run of a model (see the module docstring)."""
 
@@ -146,6 +208,9 @@ class Task:
         self._launcher: Any = None
         self.stop_reason = ""
         self.ps_stats: list[dict] = []
+        self.ps_restarts = 0
+        self.events: list[tuple[float, str]] = []  # (seconds, what happened): restarts, ...
+        self._ps: Any = None
 
     # -- model-specific ------------------------------------------------------------------------------
     extra_params: dict[str, tuple[Any, Any, str]] = {}
@@ -218,78 +283,53 @@ class Task:
         async with contextlib.AsyncExitStack() as stack:
             server = await zipcomm.serve_rpc("127.0.0.1:0", self._on_report)
             stack.push_async_callback(server.aclose)
-            addrs, ps_proc = await self._start_ps(stack)
-            ps = await stack.enter_async_context(PSClient(addrs))
-            hyper = {"lr": p["learning_rate"], "l2": p["l2"], "grad_threshold": p["grad_threshold"]}
-            if p["opt_method"] in ("momentum", "nesterov"):
-                hyper["momentum"] = p["momentum"]
-            if p["opt_method"] == "adam":
-                hyper.update(beta1=p["beta1"], beta2=p["beta2"])
-            for name, rows, cols, overrides in model.tables():
-                table_spec = {"optimizer": p["opt_method"], "hyper": hyper, **overrides}
-                if table_spec["optimizer"] == "add":
-                    table_spec.pop("hyper")
-                await ps.create(name, rows, cols, **table_spec)
+            self._ps = _PSProcess(p, stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-")))
+            stack.push_async_callback(self._ps.stop)
+            await self._ps.start(model, self._table_specs(model))
             spec = {"model": self.model_name, "model_args": model_args, "dataset": p["dataset"],
-                    "ps": addrs, "driver": server.address, "seed": p["seed"], "minibatch_size": p["minibatch_size"],
-                    "compress": p["compress"], "partitions": train_parts, "max_updates": p["max_updates"],
-                    "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
+                    "ps": self._ps.addresses, "driver": server.address, "seed": p["seed"],
+                    "minibatch_size": p["minibatch_size"], "compress": p["compress"], "partitions": train_parts,
+                    "max_updates": p["max_updates"], "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
                     "prefetch_concurrency": 4 if p["prefetch"] else 1}
+            retire = self._ps.retire
             if p["launcher"] == "lambda":
                 from .lambda_launch import LambdaLauncher
 
                 self._launcher = LambdaLauncher(spec, p["n_workers"], worker_size_mb=p["worker_size"],
-                                                lifetime=p["lifetime"], retire=ps.retire,
+                                                lifetime=p["lifetime"], retire=retire,
                                                 function_name=p["lambda_function"],
                                                 function_timeout=p["lambda_timeout"],
                                                 endpoint_url=p["lambda_endpoint"])
             else:
                 self._launcher = LocalLauncher(spec, p["n_workers"], worker_size_mb=p["worker_size"],
-                                               lifetime=p["lifetime"], retire=ps.retire)
+                                               lifetime=p["lifetime"], retire=retire)
             if self._killed:
                 self._launcher.kill_now()
             self._began = time.monotonic()
             try:
                 await self._launcher.start()
-                await self._loop(ps, model, test, ps_proc)
+                await self._loop(model, test)
             finally:
                 await self._launcher.stop()
                 self._ended = time.monotonic()
                 with contextlib.suppress(Exception):
-                    self.ps_stats = await asyncio.wait_for(ps.stats(), 5)
+                    self.ps_stats = await asyncio.wait_for(self._ps.client.stats(), 5)
         return self.result()
 
-    async def _start_ps(self, stack: contextlib.AsyncExitStack) -> tuple[list[str], asyncio.subprocess.Process]:
+    def _table_specs(self, model: Any) -> list[tuple[str, int, int, dict]]:
         p = self.params
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-"))
-        ready = os.path.join(tmp, "ps.json")
-        cmd = [sys.executable, "-m", "cirrus.ps", "--shards", str(p["n_ps"]), "--ready-file", ready]
-        if p["checkpoint"]:
-            cmd += ["--checkpoint", p["checkpoint"], "--checkpoint-every", str(p["checkpoint_every"]), "--resume"]
-        if p["max_staleness"] is not None:
-            cmd += ["--max-staleness", str(p["max_staleness"])]
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, start_new_session=True)
-
-        async def stop_ps() -> None:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    await proc.wait()
-
-        stack.push_async_callback(stop_ps)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 60
-        while not os.path.exists(ready):  # the ready file appears once every shard listens
-            if proc.returncode is not None or loop.time() > give_up:
-                raise TrainingError(f"the parameter server did not start (exit code {proc.returncode})")
-            await asyncio.sleep(0.02)
-        with open(ready) as f:
-            return json.load(f)["shards"], proc
+        hyper = {"lr": p["learning_rate"], "l2": p["l2"], "grad_threshold": p["grad_threshold"]}
+        if p["opt_method"] in ("momentum", "nesterov"):
+            hyper["momentum"] = p["momentum"]
+        if p["opt_method"] == "adam":
+            hyper.update(beta1=p["beta1"], beta2=p["beta2"])
+        out = []
+        for name, rows, cols, overrides in model.tables():
+            table_spec = {"optimizer": p["opt_method"], "hyper": hyper, **overrides}
+            if table_spec["optimizer"] == "add":
+                table_spec.pop("hyper")
+            out.append((name, rows, cols, table_spec))
+        return out
 
     def _on_report(self, method: str, data: Any, peer: Any) -> None:
         if method != "progress":
@@ -304,11 +344,23 @@ class Task:
     def _elapsed(self) -> float:
         return time.monotonic() - self._began if self._began is not None else 0.0
 
-    async def _evaluate(self, ps: PSClient, model: Any, test: list) -> dict[str, float]:
-        tables = {name: await ps.pull_all(name, rows) for name, rows, _, _ in model.tables()}
+    async def _evaluate(self, model: Any, test: list) -> dict[str, float]:
+        tables = {name: await self._ps.client.pull_all(name, rows) for name, rows, _, _ in model.tables()}
         return await asyncio.to_thread(model.evaluate, tables, test)
 
-    async def _loop(self, ps: PSClient, model: Any, test: list, ps_proc: asyncio.subprocess.Process) -> None:
+    async def _ps_failed(self, model: Any, why: str) -> None:
+        """The parameter server died: with checkpoints, restart it from the latest one (workers
+        of the old one fail and are replaced, pointed at the new one); without, give up."""
+        if not self.params["checkpoint"]:
+            raise TrainingError(f"the parameter server failed ({why}) and there is no checkpoint to resume")
+        self.ps_restarts += 1
+        self.events.append((self._elapsed(), f"parameter server restarted from its checkpoint ({why})"))
+        await self._ps.stop()
+        await self._ps.start(model, self._table_specs(model))
+        assert self._launcher is not None
+        self._launcher.spec["ps"] = self._ps.addresses
+
+    async def _loop(self, model: Any, test: list) -> None:
         p = self.params
         assert self._kill is not None and self._launcher is not None
         within = 0
@@ -319,9 +371,14 @@ class Task:
                 return
             except TimeoutError:
                 pass
-            if ps_proc.returncode is not None:
-                raise TrainingError(f"the parameter server exited (code {ps_proc.returncode})")
-            m = await self._evaluate(ps, model, test)
+            if not self._ps.alive():
+                await self._ps_failed(model, "its process exited")
+                continue
+            try:
+                m = await self._evaluate(model, test)
+            except zipcomm.ZipError as exc:
+                await self._ps_failed(model, str(exc))
+                continue
             self.metrics.append({"time": self._elapsed(), **m, "updates": self.updates})
             loss = m[model.metric]
             self.time_loss.append((self._elapsed(), loss))
@@ -361,6 +418,7 @@ class Task:
             "ps": {k: sum(s.get(k, 0) for s in self.ps_stats) for k in
                    ("applied", "refused_zombie", "refused_duplicate", "refused_stale")},
             "staleness_max": max((s.get("staleness_max", 0) for s in self.ps_stats), default=0),
+            "ps_restarts": self.ps_restarts, "events": list(self.events),
         }
 
 

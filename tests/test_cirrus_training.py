@@ -154,3 +154,60 @@ def test_lr_on_lambda_workers_through_a_local_invoke_endpoint(dataset, monkeypat
     assert invocations == 2 and r["stop_reason"] == "timeout"
     losses = [loss for _, loss in r["time_loss"]]
     assert r["ps"]["applied"] > 200 and losses[-1] < losses[0]
+
+
+def test_a_quarter_of_the_workers_killed_every_two_seconds(dataset) -> None:
+    """4 workers, one SIGKILLed every 2 s: training completes and ends within 2 % of the
+    fault-free run's held-out loss (same duration, same data)."""
+    uri, _ = dataset
+    base = {"dataset": uri, "n_workers": 4, "model_size": MODEL, "timeout": 12, "eval_interval": 1.0,
+            "epsilon": 0.0, "learning_rate": 0.1}
+    clean = LogisticRegression(dict(base)).run()
+
+    async def faulty():
+        task = LogisticRegression(dict(base))
+        run = asyncio.create_task(task.run_async())
+        killed = 0
+        rng = np.random.default_rng(0)
+        while not run.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(run), 2.0)
+            except TimeoutError:
+                pids = task._launcher.pids() if task._launcher is not None else []
+                if pids:
+                    os.kill(int(rng.choice(pids)), 9)
+                    killed += 1
+        return killed, run.result()
+
+    killed, r = asyncio.run(faulty())
+    print("clean", clean["final"], "faulty", r["final"], "killed", killed)
+    assert killed >= 4 and r["worker_deaths"] >= killed - 1
+    assert r["final"]["log_loss"] <= clean["final"]["log_loss"] * 1.02, (r["final"], clean["final"])
+
+
+def test_parameter_server_killed_and_restarted_from_its_checkpoint(dataset, tmp_path) -> None:
+    import signal as sig
+
+    uri, _ = dataset
+    ckpt = str(tmp_path / "ckpt")
+
+    async def go():
+        task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 10,
+                                   "eval_interval": 0.5, "epsilon": 0.0, "checkpoint": ckpt,
+                                   "checkpoint_every": 0.5})
+        run = asyncio.create_task(task.run_async())
+        await _until(lambda: len(task.time_loss) >= 4 or run.done(), "some training")
+        await _until(lambda: os.path.exists(os.path.join(ckpt, "shard-0-of-1.ckpt")), "a checkpoint")
+        before = task.time_loss[-1][1]
+        os.killpg(task._ps.proc.pid, sig.SIGKILL)  # the whole parameter server, without warning
+        r = await asyncio.wait_for(run, 60)
+        return before, r
+
+    before, r = asyncio.run(go())
+    print("before the kill", before, "final", r["final"], "restarts", r["ps_restarts"])
+    assert r["ps_restarts"] == 1
+    restarted_at = r["events"][0][0]
+    first_after = next(loss for t, loss in r["time_loss"] if t > restarted_at)
+    # resumed from the checkpoint (at most 0.5 s old), not from scratch (log loss 0.69)
+    assert first_after <= before * 1.05, (first_after, before)
+    assert r["final"]["log_loss"] <= before * 1.02

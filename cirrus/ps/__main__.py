@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def _one(args: argparse.Namespace) -> int:
 
 def _all(args: argparse.Namespace) -> int:
     """Start K shard processes, report their addresses, stop them together."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the clean-up below on SIGTERM too
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="cirrus-ps-") as tmp:
         try:
@@ -109,10 +111,13 @@ def _all(args: argparse.Namespace) -> int:
             if args.ready_file:
                 write_ready_file(args.ready_file, line)
             print(line, flush=True)
-            for p in procs:
-                p.wait()
-            return max((p.returncode or 0) for p in procs)
-        except KeyboardInterrupt:
+            while all(p.poll() is None for p in procs):  # one shard gone = the server is gone
+                time.sleep(0.1)
+            dead = [i for i, p in enumerate(procs) if p.returncode is not None]
+            print(f"shard(s) {dead} exited (code {procs[dead[0]].returncode}); stopping the others",
+                  file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, SystemExit):
             return 0
         finally:
             for p in procs:
