@@ -1,7 +1,9 @@
 """Run every example on the embedded defaults: a local controller and 8 local
-worker processes per figure 4.2 program, checking each answer.
+worker processes per figure 4.2 program, checking each answer; then cirrus's
+end-to-end workflow (thesis figure 3.5: load, normalize, train, tune) on generated
+click data with local workers and a local parameter server.
 
-    python examples/run_all.py [--workers 8]
+    python examples/run_all.py [--workers 8] [--cirrus-rows 50000]
 """
 
 import argparse
@@ -46,7 +48,7 @@ async def run_group(env: dict, procs_args: list[tuple[str, ...]], script: str) -
                 await p.wait()
 
 
-async def main(workers: int) -> int:
+async def main(workers: int, cirrus_rows: int) -> int:
     controller = ControllerProcess()
     address = await controller.start()
     env = dict(os.environ, ZIPCOMM_CONTROLLER=address)
@@ -68,6 +70,13 @@ async def main(workers: int) -> int:
 
     proc = await asyncio.create_subprocess_exec(sys.executable, os.path.join(HERE, "asyncio_embedding.py"))
     if await proc.wait() != 0:
+        return 1
+    print(f"cirrus workflow (thesis figure 3.5) on {cirrus_rows} generated rows:", flush=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, os.path.join(HERE, "cirrus_workflow.py"), "--rows", str(cirrus_rows),
+        "--train-seconds", "10", "--tune-seconds", "20", "--experiment-seconds", "3")
+    if await proc.wait() != 0:
+        print("cirrus workflow failed", file=sys.stderr)
         return 1
     print("all examples OK")
     return 0
@@ -100,7 +109,9 @@ async def figure_4_2(env: dict, workers: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=8, help="worker processes per example (>= 5, default 8)")
+    parser.add_argument("--cirrus-rows", type=int, default=50_000,
+                        help="rows of generated click data for the cirrus workflow (default 50000)")
     args = parser.parse_args()
     if args.workers < 5:
         parser.error("--workers must be at least 5")
-    sys.exit(asyncio.run(main(args.workers)))
+    sys.exit(asyncio.run(main(args.workers, args.cirrus_rows)))
