@@ -19,6 +19,7 @@ an error (with the closest valid name), so a typo cannot silently fall back to a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import difflib
 import json
@@ -93,6 +94,8 @@ PARAMS: dict[str, tuple[Any, Any, str]] = {
     "checkpoint": (_opt(lambda v: isinstance(v, str) and v != ""), None, "a folder / s3 URI, or None"),
     "checkpoint_every": (_num(0), 0.0, "seconds >= 0"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, 0, "an integer >= 0"),
+    "ps": (lambda v: v in ("server", "none"), "server", "'server' (a sharded parameter server) or 'none' "
+           "(synchronous SGD over zipcomm allreduce, no server process; local workers, no lifetime)"),
     "launcher": (lambda v: v in ("local", "lambda"), "local", "'local' (worker processes here) or 'lambda' "
                  "(AWS Lambda invocations through aiobotocore)"),
     "lambda_function": (lambda v: isinstance(v, str) and v != "", "cirrus-worker",
@@ -196,11 +199,14 @@ class Task:
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = validate_params(params, self.extra_params)
+        if self.params["ps"] == "none" and (self.params["lifetime"] is not None or self.params["launcher"] != "local"):
+            raise ValueError("ps='none' (synchronous allreduce) runs local workers without a lifetime: "
+                             "replicas cannot be replaced mid-run")
         self.time_loss: list[tuple[float, float]] = []
         self.metrics: list[dict[str, float]] = []
         self.updates = 0
         self._worker_updates: dict[str, int] = {}
-        self._train_loss: list[tuple[float, float]] = []
+        self._train_loss: collections.deque[tuple[float, float]] = collections.deque(maxlen=10_000)
         self._began: float | None = None
         self._ended: float | None = None
         self._kill: asyncio.Event | None = None
@@ -211,6 +217,7 @@ class Task:
         self.ps_restarts = 0
         self.events: list[tuple[float, str]] = []  # (seconds, what happened): restarts, ...
         self._ps: Any = None
+        self._replica: dict[str, np.ndarray] | None = None
 
     # -- model-specific ------------------------------------------------------------------------------
     extra_params: dict[str, tuple[Any, Any, str]] = {}
@@ -283,15 +290,24 @@ class Task:
         async with contextlib.AsyncExitStack() as stack:
             server = await zipcomm.serve_rpc("127.0.0.1:0", self._on_report)
             stack.push_async_callback(server.aclose)
-            self._ps = _PSProcess(p, stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-")))
-            stack.push_async_callback(self._ps.stop)
-            await self._ps.start(model, self._table_specs(model))
-            spec = {"model": self.model_name, "model_args": model_args, "dataset": p["dataset"],
-                    "ps": self._ps.addresses, "driver": server.address, "seed": p["seed"],
+            sync = None
+            if p["ps"] == "none":
+                if model.name == "lda":
+                    raise ValueError("LDA keeps its token assignments on the parameter server: use ps='server'")
+                ctl = await stack.enter_async_context(zipcomm.Controller("127.0.0.1:0"))
+                sync = {"controller": ctl.address, "channel": f"cirrus-sync-{os.getpid()}-{id(self)}",
+                        "n_workers": p["n_workers"], "tables": self._table_specs(model),
+                        "model_every": p["eval_interval"] / 2}
+            else:
+                self._ps = _PSProcess(p, stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-")))
+                stack.push_async_callback(self._ps.stop)
+                await self._ps.start(model, self._table_specs(model))
+            spec = {"model": self.model_name, "model_args": model_args, "dataset": p["dataset"], "sync": sync,
+                    "ps": self._ps.addresses if sync is None else [], "driver": server.address, "seed": p["seed"],
                     "minibatch_size": p["minibatch_size"], "compress": p["compress"], "partitions": train_parts,
                     "max_updates": p["max_updates"], "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
                     "prefetch_concurrency": 4 if p["prefetch"] else 1}
-            retire = self._ps.retire
+            retire = self._ps.retire if sync is None else None
             if p["launcher"] == "lambda":
                 from .lambda_launch import LambdaLauncher
 
@@ -312,8 +328,9 @@ class Task:
             finally:
                 await self._launcher.stop()
                 self._ended = time.monotonic()
-                with contextlib.suppress(Exception):
-                    self.ps_stats = await asyncio.wait_for(self._ps.client.stats(), 5)
+                if sync is None:
+                    with contextlib.suppress(Exception):
+                        self.ps_stats = await asyncio.wait_for(self._ps.client.stats(), 5)
         return self.result()
 
     def _table_specs(self, model: Any) -> list[tuple[str, int, int, dict]]:
@@ -332,6 +349,9 @@ class Task:
         return out
 
     def _on_report(self, method: str, data: Any, peer: Any) -> None:
+        if method == "model":  # ps="none": a replica of the model, for evaluation
+            self._replica = data["tables"]
+            return
         if method != "progress":
             raise ValueError(f"unknown driver call {method!r}")
         key = f"{data['worker']}/{data['inc']}"
@@ -344,7 +364,11 @@ class Task:
     def _elapsed(self) -> float:
         return time.monotonic() - self._began if self._began is not None else 0.0
 
-    async def _evaluate(self, model: Any, test: list) -> dict[str, float]:
+    async def _evaluate(self, model: Any, test: list) -> dict[str, float] | None:
+        if self._ps is None:  # ps="none": the latest replica worker w0 sent
+            if self._replica is None:
+                return None
+            return await asyncio.to_thread(model.evaluate, self._replica, test)
         tables = {name: await self._ps.client.pull_all(name, rows) for name, rows, _, _ in model.tables()}
         return await asyncio.to_thread(model.evaluate, tables, test)
 
@@ -371,13 +395,15 @@ class Task:
                 return
             except TimeoutError:
                 pass
-            if not self._ps.alive():
+            if self._ps is not None and not self._ps.alive():
                 await self._ps_failed(model, "its process exited")
                 continue
             try:
                 m = await self._evaluate(model, test)
             except zipcomm.ZipError as exc:
                 await self._ps_failed(model, str(exc))
+                continue
+            if m is None:  # no model to evaluate yet
                 continue
             self.metrics.append({"time": self._elapsed(), **m, "updates": self.updates})
             loss = m[model.metric]
@@ -402,8 +428,8 @@ class Task:
                     all(s.proc is not None and s.proc.returncode is not None for s in self._launcher.slots):
                 self.stop_reason = "max_updates reached"
                 return
-            if p["max_updates"] is None:
-                await self._launcher.maintain()
+            if p["max_updates"] is None and self._ps is not None:
+                await self._launcher.maintain()  # (ps="none" replicas cannot be replaced)
 
     def result(self) -> dict[str, Any]:
         last = self.metrics[-1] if self.metrics else {}

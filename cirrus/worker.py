@@ -10,6 +10,7 @@ retired (a newer one replaced it), or after ``max_updates``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from .dataset import open_dataset
 from .iterator import MinibatchIterator
 from .models import make_model
 from .ps.client import PSClient, Retired
+from .syncps import AllreducePS
 
 
 async def _watch_stdin(stop: asyncio.Event) -> None:
@@ -39,43 +41,63 @@ async def train(spec: dict[str, Any], stop: asyncio.Event) -> dict[str, Any]:
     if "seed" in args:  # a sampling model: each worker incarnation draws its own random numbers
         args["seed"] = [int(args["seed"]), int(worker.lstrip("w") or 0), inc]
     model = make_model(spec["model"], **args)
-    updates, loss_sum, loss_n = 0, 0.0, 0
     driver = await zipcomm.rpc_connect(spec["driver"]) if spec.get("driver") else None
-    last_report = time.monotonic()
+    counters: list = [0, 0.0, 0, time.monotonic()]  # updates, loss sum, loss count, last report
     reason = "done"
+    sync = spec.get("sync")
     try:
-        async with await open_dataset(spec["dataset"], check=False) as ds, \
-                PSClient(spec["ps"], worker=worker, inc=inc, compress=spec.get("compress", False)) as ps, \
-                MinibatchIterator(ds, spec["minibatch_size"], order="random", seed=int(spec["seed"]) * 1_000_003 + inc,
-                                  epochs=None, prefetch_bytes=spec.get("prefetch_bytes", 32 << 20),
-                                  max_concurrency=spec.get("prefetch_concurrency", 4),
-                                  partitions=spec.get("partitions")) as it:
-            async for mb in it:
-                if stop.is_set():
-                    reason = "stopped"
-                    break
-                loss = await model.step(ps, mb)
-                updates += 1
-                loss_sum += loss
-                loss_n += 1
-                now = time.monotonic()
-                if driver is not None and now - last_report >= spec.get("report_every", 0.25):
-                    await driver.cast("progress", {"worker": worker, "inc": inc, "updates": updates,
-                                                   "loss_sum": loss_sum, "loss_n": loss_n})
-                    loss_sum, loss_n, last_report = 0.0, 0, now
-                if spec.get("max_updates") and updates >= spec["max_updates"]:
-                    break
+        async with contextlib.AsyncExitStack() as stack:
+            if sync:  # no parameter server: synchronous SGD over zipcomm allreduce
+                rt = await stack.enter_async_context(await zipcomm.connect(sync["controller"]))
+                ps: Any = await AllreducePS(rt, sync["channel"], sync["n_workers"], sync["tables"]).connect()
+            else:
+                ps = await stack.enter_async_context(
+                    PSClient(spec["ps"], worker=worker, inc=inc, compress=spec.get("compress", False)))
+            await _loop(spec, model, ps, stack, stop, driver, worker, inc, counters)
+            reason = "stopped" if stop.is_set() else "done"
     except Retired:
         reason = "retired"
     finally:
         if driver is not None:
             try:
-                await driver.cast("progress", {"worker": worker, "inc": inc, "updates": updates,
-                                               "loss_sum": loss_sum, "loss_n": loss_n, "final": reason})
+                await driver.cast("progress", {"worker": worker, "inc": inc, "updates": counters[0],
+                                               "loss_sum": counters[1], "loss_n": counters[2], "final": reason})
             except zipcomm.ZipError:
                 pass
             await driver.aclose()
-    return {"updates": updates, "reason": reason}
+    return {"updates": counters[0], "reason": reason}
+
+
+async def _loop(spec: dict[str, Any], model: Any, ps: Any, stack: contextlib.AsyncExitStack, stop: asyncio.Event,
+                driver: Any, worker: str, inc: int, counters: list) -> None:
+    """The training loop; ``counters`` = [updates, loss_sum, loss_n, last_report] (kept up to date
+    so the caller can report them however the loop ends)."""
+    sync = spec.get("sync")
+    last_model = time.monotonic()
+    ds = await stack.enter_async_context(await open_dataset(spec["dataset"], check=False))
+    it = await stack.enter_async_context(MinibatchIterator(ds, spec["minibatch_size"], order="random", seed=int(spec["seed"]) * 1_000_003 + inc,
+                                  epochs=None, prefetch_bytes=spec.get("prefetch_bytes", 32 << 20),
+                                  max_concurrency=spec.get("prefetch_concurrency", 4),
+                                  partitions=spec.get("partitions")))
+    async for mb in it:
+        if stop.is_set():
+            return
+        loss = await model.step(ps, mb)
+        if sync:
+            await ps.sync()
+        counters[0] += 1
+        counters[1] += loss
+        counters[2] += 1
+        now = time.monotonic()
+        if driver is not None and now - counters[3] >= spec.get("report_every", 0.25):
+            await driver.cast("progress", {"worker": worker, "inc": inc, "updates": counters[0],
+                                           "loss_sum": counters[1], "loss_n": counters[2]})
+            counters[1], counters[2], counters[3] = 0.0, 0, now
+        if sync and driver is not None and worker == "w0" and now - last_model >= sync.get("model_every", 1.0):
+            await driver.cast("model", {"tables": ps.tables, "updates": counters[0]})
+            last_model = now
+        if spec.get("max_updates") and counters[0] >= spec["max_updates"]:
+            return
 
 
 async def _main() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 
 import numpy as np
@@ -22,7 +23,16 @@ def dataset(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("train") / "ds")
     write_arrays_sync(uri, data.labels, csr=(data.indptr, data.indices, data.values, data.n_features),
                       partition_bytes=150_000)
+    _DATA[uri] = data
     return uri, data
+
+
+@functools.lru_cache(maxsize=None)
+def _sklearn_cached(uri: str) -> float:
+    return _sklearn_logloss(_DATA[uri], uri)
+
+
+_DATA: dict = {}
 
 
 def _sklearn_logloss(data, uri) -> float:
@@ -49,18 +59,33 @@ def _sklearn_logloss(data, uri) -> float:
 
 def test_lr_reaches_near_sklearn_held_out_loss(dataset) -> None:
     uri, data = dataset
-    task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 12,
+    ref = _sklearn_cached(uri)
+    # trains until within 3 % of scikit-learn's held-out loss (under a deadline: the machine may be busy)
+    task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 90,
                                "learning_rate": 0.1, "opt_method": "adagrad", "eval_interval": 1.0,
-                               "epsilon": 0.0, "minibatch_size": 20})
+                               "epsilon": 0.0, "minibatch_size": 20, "target_loss": ref * 1.03})
     r = task.run()
     losses = [loss for _, loss in r["time_loss"]]
-    assert r["stop_reason"] == "timeout" and len(losses) >= 5
-    assert losses[-1] < losses[0]
-    ref = _sklearn_logloss(data, uri)
-    print("held-out log loss", r["final"]["log_loss"], "sklearn", ref, "updates", r["updates"])
-    assert r["final"]["log_loss"] <= ref * 1.10, (r["final"], ref)
+    print("held-out log loss", r["final"]["log_loss"], "sklearn", ref, "updates", r["updates"], r["seconds"])
+    assert r["stop_reason"] == "target loss reached", r
+    assert losses[-1] < losses[0] and r["final"]["log_loss"] <= ref * 1.03
     assert r["updates"] > 1000 and r["ps"]["applied"] >= r["updates"] * 0.9
     assert r["cost"] > 0 and r["worker_seconds"] > 0
+
+
+def test_without_a_parameter_server_over_allreduce(dataset) -> None:
+    """ps='none': synchronous data-parallel SGD over a zipcomm reduce channel, no server process."""
+    uri, data = dataset
+    ref = _sklearn_cached(uri)
+    # trains until within 5 % of scikit-learn's held-out loss (under a deadline: the machine may be busy)
+    r = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 90, "ps": "none",
+                            "learning_rate": 0.1, "eval_interval": 1.0, "epsilon": 0.0,
+                            "target_loss": ref * 1.05}).run()
+    print("ps=none held-out log loss", r["final"]["log_loss"], "sklearn", ref, "after", r["seconds"], "s")
+    assert r["stop_reason"] == "target loss reached", r
+    assert r["ps"]["applied"] == 0 and r["updates"] > 100
+    with pytest.raises(ValueError, match="without a lifetime"):
+        LogisticRegression({"dataset": uri, "ps": "none", "lifetime": 5})
 
 
 def test_parameters_are_validated_with_suggestions() -> None:
