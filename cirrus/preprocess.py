@@ -80,6 +80,11 @@ def _rebuild_error(rank: int, err: dict[str, Any]) -> Exception:
     return PreprocessError(f"{msg} ({err.get('type', 'error')})", worker=rank)
 
 
+def _secondary(exc: BaseException) -> bool:
+    """A worker's failure caused by another worker's (the reduce step missed a member)."""
+    return isinstance(exc, PreprocessError) and "(JobFailed)" in str(exc)
+
+
 class _Worker:
     def __init__(self, rank: int, proc: asyncio.subprocess.Process) -> None:
         self.rank = rank
@@ -165,9 +170,14 @@ async def _run_job(job: dict[str, Any], n_parts: int, n_workers: int, controller
             try:
                 async with asyncio.timeout(timeout + 5.0):
                     # the first failure (an error, a death) ends the job; the others are killed
-                    done_set, _ = await asyncio.wait(followers, return_when=asyncio.FIRST_EXCEPTION)
-                    for t in done_set:
-                        t.result()
+                    done_set, pending = await asyncio.wait(followers, return_when=asyncio.FIRST_EXCEPTION)
+                    failed = [t.exception() for t in done_set if t.exception() is not None]
+                    if failed and pending and all(_secondary(e) for e in failed):
+                        # others failed because one died: give the one that died a moment to say why
+                        more, _ = await asyncio.wait(pending, timeout=2.0, return_when=asyncio.FIRST_EXCEPTION)
+                        failed += [t.exception() for t in more if t.exception() is not None]
+                    if failed:
+                        raise min(failed, key=_secondary)  # the cause rather than its echo
             except TimeoutError:
                 raise PreprocessError(f"preprocessing job did not finish within {timeout:g} s") from None
             finally:

@@ -85,6 +85,7 @@ PARAMS: dict[str, tuple[Any, Any, str]] = {
     "timeout": (_num(0, True), 600.0, "seconds > 0"),
     "target_loss": (_opt(_num()), None, "a number, or None"),
     "max_updates": (_opt(_pos_int), None, "updates per worker incarnation, or None"),
+    "total_updates": (_opt(_pos_int), None, "stop after this many updates by all workers together, or None"),
     "eval_interval": (_num(0, True), 1.0, "seconds > 0"),
     "test_fraction": (_num(0, True, 1, True), 0.1, "a number in (0, 1): the held-out share of partitions"),
     "lifetime": (_opt(_num(0, True)), None, "seconds > 0 (retire and replace workers), or None"),
@@ -414,6 +415,9 @@ class Task:
                 within = 0
             if not math.isfinite(loss):
                 self.stop_reason = "diverged"
+                return
+            if p["total_updates"] is not None and self.updates >= p["total_updates"]:
+                self.stop_reason = "update budget reached"
                 return
             if p["target_loss"] is not None and loss <= p["target_loss"]:
                 self.stop_reason = "target loss reached"

@@ -64,13 +64,15 @@ def test_diverging_experiment_is_stopped_by_rule_and_kill_stops_workers_at_once(
     async def go():
         gs = GridSearch(task=LogisticRegression, param_base=base, hyper_vars=["learning_rate"],
                         hyper_params=[[0.05, 5000.0, 0.1]], num_jobs=3,
-                        stop_rules={"grace": 2.0, "margin": 0.5, "rising": 0})
+                        stop_rules={"grace": 2.0, "margin": 2.0, "rising": 0})  # loss > 3x the best
         run = asyncio.create_task(gs.run_async())
         huge = gs.experiments[1]
         await _until(lambda: huge.state not in ("queued", "running") or run.done(), "the rule to stop the diverging run")
         assert huge.state == "stopped" and huge.reason.startswith("stopped by rule"), (huge.state, huge.reason)
         victim = gs.experiments[2]
-        await _until(lambda: victim.task._launcher is not None and victim.task._launcher.pids(), "workers")
+        await _until(lambda: victim.state != "running" or (victim.task._launcher is not None
+                                                            and victim.task._launcher.pids()), "workers")
+        assert victim.state == "running", (victim.state, victim.reason)
         pids = victim.task._launcher.pids()
         gs.kill(2)
         await _until(lambda: all(_dead(p) for p in pids), "the killed experiment's workers to die", limit=1.0)
