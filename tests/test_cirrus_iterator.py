@@ -226,3 +226,56 @@ async def test_iterator_arguments_and_empty_dataset(tmp_path):
     async with await open_dataset(tmp_path / "d") as ds:
         sizes = [mb.n_rows async for mb in MinibatchIterator(ds, 16, drop_last=True)]
         assert sizes and set(sizes) == {16}
+
+
+_RSS_PROBE = r"""
+import asyncio, json, sys
+from cirrus import open_dataset, MinibatchIterator
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+async def main(uri, bound):
+    async with await open_dataset(uri) as ds:
+        it = MinibatchIterator(ds, 200, prefetch_bytes=bound, max_concurrency=4)
+        first = await it.__anext__()            # everything imported and started: the baseline
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                        # reset the peak (VmHWM) to the current RSS
+        base = status("VmRSS")
+        rows = first.n_rows
+        async for mb in it:
+            rows += mb.n_rows
+        await it.aclose()
+        print(json.dumps({"rows": rows, "growth": status("VmHWM") - base, "total": sum(
+            ds.partition_nbytes(i) for i in range(ds.n_partitions)),
+            "biggest": max(ds.partition_nbytes(i) for i in range(ds.n_partitions))}))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_measured_rss_stays_under_the_bound_while_streaming_10x_it(tmp_path):
+    """The process's peak resident memory while streaming a 100 MB dataset through an iterator
+    bounded at 8 MB grows by at most the bound, one partition and a fixed allowance — far less
+    than the dataset (which an iterator that kept its partitions would hold)."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    n, d = 400_000, 60
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    asyncio.run(write_arrays(str(tmp_path / "big"), rng.integers(0, 2, n).astype(np.float32), dense=x,
+                             partition_bytes=2_000_000))
+    del x
+    bound = 8 << 20
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tmp_path / "big"), str(bound)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    print("rss growth", got)
+    assert got["rows"] == n and got["total"] >= 10 * bound
+    assert got["growth"] <= bound + got["biggest"] + (16 << 20), got
