@@ -22,11 +22,8 @@ import asyncio
 import collections
 import contextlib
 import difflib
-import json
 import math
 import os
-import signal
-import sys
 import tempfile
 import time
 from typing import Any
@@ -40,7 +37,7 @@ from .errors import CirrusError
 from .launch import LocalLauncher
 from .models import make_model
 from .optim import OPTIMIZERS
-from .ps.client import PSClient
+from .ps.process import PSProcess
 
 LAMBDA_PRICE_PER_GB_SECOND = 0.0000166667  # AWS Lambda x86, per GB-second
 
@@ -129,68 +126,6 @@ def validate_params(params: dict[str, Any], extra: dict[str, tuple[Any, Any, str
             raise ValueError(f"parameter {k!r} must be {what}, got {v!r}")
         out[k] = v
     return out
-
-
-class _PSProcess:
-    """The parameter server of one task: ``python -m cirrus.ps`` (a supervisor and its shard
-    processes, in their own process group) and the driver's client of it."""
-
-    def __init__(self, params: dict[str, Any], workdir: str) -> None:
-        self.params = params
-        self.workdir = workdir
-        self.proc: asyncio.subprocess.Process | None = None
-        self.client: PSClient | None = None  # type: ignore[assignment]
-        self.addresses: list[str] = []
-        self.generation = 0
-
-    async def start(self, model: Any, tables: list[tuple[str, int, int, dict]]) -> None:
-        p = self.params
-        self.generation += 1
-        ready = os.path.join(self.workdir, f"ps-{self.generation}.json")
-        cmd = [sys.executable, "-m", "cirrus.ps", "--shards", str(p["n_ps"]), "--ready-file", ready]
-        if p["checkpoint"]:
-            cmd += ["--checkpoint", p["checkpoint"], "--checkpoint-every", str(p["checkpoint_every"]), "--resume"]
-        if p["max_staleness"] is not None:
-            cmd += ["--max-staleness", str(p["max_staleness"])]
-        self.proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                         start_new_session=True)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 60
-        while not os.path.exists(ready):  # the ready file appears once every shard listens
-            if self.proc.returncode is not None or loop.time() > give_up:
-                await self.stop()
-                raise TrainingError(f"the parameter server did not start (exit code {self.proc.returncode})")
-            await asyncio.sleep(0.02)
-        with open(ready) as f:
-            self.addresses = json.load(f)["shards"]
-        self.client = await PSClient(self.addresses).connect()
-        for name, rows, cols, spec in tables:  # idempotent when resumed from a checkpoint
-            await self.client.create(name, rows, cols, **spec)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None and \
-            not any(c.closed for c in self.client.clients)
-
-    async def retire(self, worker: str, inc: int) -> None:
-        with contextlib.suppress(zipcomm.ZipError):  # a dead server refuses everyone anyway
-            await self.client.retire(worker, inc)
-
-    async def stop(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                pass
-        with contextlib.suppress(ProcessLookupError):  # any shard left in its group
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
 
 
 class Task:
@@ -300,9 +235,11 @@ class Task:
                         "n_workers": p["n_workers"], "tables": self._table_specs(model),
                         "model_every": p["eval_interval"] / 2}
             else:
-                self._ps = _PSProcess(p, stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-")))
+                self._ps = PSProcess(p["n_ps"], checkpoint=p["checkpoint"], checkpoint_every=p["checkpoint_every"],
+                                     max_staleness=p["max_staleness"],
+                                     workdir=stack.enter_context(tempfile.TemporaryDirectory(prefix="cirrus-train-")))
                 stack.push_async_callback(self._ps.stop)
-                await self._ps.start(model, self._table_specs(model))
+                await self._ps.start(self._table_specs(model))
             spec = {"model": self.model_name, "model_args": model_args, "dataset": p["dataset"], "sync": sync,
                     "ps": self._ps.addresses if sync is None else [], "driver": server.address, "seed": p["seed"],
                     "minibatch_size": p["minibatch_size"], "compress": p["compress"], "partitions": train_parts,
@@ -381,7 +318,7 @@ class Task:
         self.ps_restarts += 1
         self.events.append((self._elapsed(), f"parameter server restarted from its checkpoint ({why})"))
         await self._ps.stop()
-        await self._ps.start(model, self._table_specs(model))
+        await self._ps.start(self._table_specs(model))
         assert self._launcher is not None
         self._launcher.spec["ps"] = self._ps.addresses
 

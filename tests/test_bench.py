@@ -84,3 +84,14 @@ def _number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@pytest.mark.timeout(300)
+def test_train_bench_quick_mode_runs() -> None:
+    """bench/train.py in its quick mode: every section ran and printed its table (not how fast)."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "train.py"), "--rows", "20000", "--hash-bits", "10",
+                          "--seconds", "2", "--workers", "1", "--skip-ablation"],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "baseline updates/s" in out.stdout and "target held-out log loss" in out.stdout, out.stdout

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from .errors import ConnectionClosed, RemoteProtocolError, ZipError, ZipTimeout
 from .protocol.frames import Frame

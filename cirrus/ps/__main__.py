@@ -130,12 +130,28 @@ def _all(args: argparse.Namespace) -> int:
                     p.kill()
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the process that started us dies, so no shard outlives its
+    supervisor and no supervisor outlives the program that started it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent was already gone before prctl
+            sys.exit(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     problem = _check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.shard is not None or os.environ.get("CIRRUS_PS_DIE_WITH_PARENT") == "1":
+        _die_with_parent()
     return _one(args) if args.shard is not None else _all(args)
 
 
