@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "column (--columns) turns each of its values into its own feature "
                                      "with value 1; any other column adds its value to the bucket of its "
                                      "index. Entries of a row in the same bucket are summed.")
+    sub.add_parser("dashboard", add_help=False, help="the live grid-search dashboard (python -m cirrus "
+                   "dashboard --demo; --help lists its options)")
     _job_options(hsh)
     hsh.add_argument("--bits", type=int, default=20, help="2^BITS output features (default: %(default)s)")
     hsh.add_argument("--columns", type=_columns, default=[], metavar="LIST",
@@ -131,6 +133,11 @@ def _run(args: argparse.Namespace, bar: ProgressBar) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dashboard"]:  # its own options: python -m cirrus dashboard --help
+        from .dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:])
     args = build_parser().parse_args(argv)
     began = time.perf_counter()
     if args.cmd == "load":
