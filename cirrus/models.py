@@ -46,15 +46,24 @@ class SparseLogisticRegression:
             raise ValueError(f"the dataset has {n_features} features but model_size is {self.model_size}: "
                              "raise model_size or hash the dataset to fewer features")
 
-    async def step(self, ps: PSClient, mb: Partition) -> float:
-        lo = int(mb.indptr[0])  # type: ignore[index]
-        indices = mb.indices[lo:int(mb.indptr[-1])]  # type: ignore[index]
+    table = "w"  # the one table a step pulls and pushes (see ``rows_of`` / ``gradient``)
+
+    def rows_of(self, mb: Partition) -> tuple[np.ndarray, Any]:
+        """The rows of ``w`` minibatch ``mb`` needs, and what :meth:`gradient` needs to know."""
+        indptr, indices, values = _csr(mb)
         uniq, inv = np.unique(indices, return_inverse=True)
-        rows = np.concatenate([uniq.astype(np.int64), self.bias_row])
-        w = await ps.pull("w", rows)
-        loss, g, gb = lr_loss_grad(mb.indptr - lo, indices, mb.values[lo:int(mb.indptr[-1])],  # type: ignore[index,operator]
-                                   mb.labels, w[:-1, 0], inv, float(w[-1, 0]))
-        await ps.push("w", rows, np.append(g, gb))
+        return np.concatenate([uniq.astype(np.int64), self.bias_row]), (indptr, indices, values, inv)
+
+    def gradient(self, mb: Partition, ctx: Any, w: np.ndarray) -> tuple[float, np.ndarray]:
+        """(loss, gradient rows) of ``mb`` given the pulled rows ``w``."""
+        indptr, indices, values, inv = ctx
+        loss, g, gb = lr_loss_grad(indptr, indices, values, mb.labels, w[:-1, 0], inv, float(w[-1, 0]))
+        return loss, np.append(g, gb)
+
+    async def step(self, ps: PSClient, mb: Partition) -> float:
+        rows, ctx = self.rows_of(mb)
+        loss, g = self.gradient(mb, ctx, await ps.pull("w", rows))
+        await ps.push("w", rows, g)
         return loss
 
     def evaluate(self, tables: dict[str, np.ndarray], test: list[Partition]) -> dict[str, float]:

@@ -79,12 +79,23 @@ async def _loop(spec: dict[str, Any], model: Any, ps: Any, stack: contextlib.Asy
                                   epochs=None, prefetch_bytes=spec.get("prefetch_bytes", 32 << 20),
                                   max_concurrency=spec.get("prefetch_concurrency", 4),
                                   partitions=spec.get("partitions")))
+    pending = None  # pipelined models: (minibatch, rows, context, pulled rows) of the next step
+    pipelined = not sync and hasattr(model, "rows_of")
     async for mb in it:
         if stop.is_set():
-            return
-        loss = await model.step(ps, mb)
-        if sync:
-            await ps.sync()
+            break
+        if pipelined:  # one round trip per update: push this step's gradient with the next pull
+            rows, ctx = model.rows_of(mb)
+            if pending is None:
+                pending = (mb, rows, ctx, await ps.pull(model.table, rows))
+                continue
+            pmb, prows, pctx, pw = pending
+            loss, g = model.gradient(pmb, pctx, pw)
+            pending = (mb, rows, ctx, await ps.push_pull(model.table, prows, g, rows))
+        else:
+            loss = await model.step(ps, mb)
+            if sync:
+                await ps.sync()
         counters[0] += 1
         counters[1] += loss
         counters[2] += 1
@@ -97,7 +108,10 @@ async def _loop(spec: dict[str, Any], model: Any, ps: Any, stack: contextlib.Asy
             await driver.cast("model", {"tables": ps.tables, "updates": counters[0]})
             last_model = now
         if spec.get("max_updates") and counters[0] >= spec["max_updates"]:
-            return
+            break
+    if pending is not None and not stop.is_set():
+        pmb, prows, pctx, pw = pending
+        await ps.push(model.table, prows, model.gradient(pmb, pctx, pw)[1])
 
 
 async def _main() -> int:

@@ -74,26 +74,57 @@ class PSClient:
         await asyncio.gather(*(c.call("create", {"table": table, "rows": rows, "cols": cols, **spec},
                                       timeout=self.timeout) for c in self.clients))
 
+    def _pull_msgs(self, table: str, rows: np.ndarray) -> tuple[list, dict[int, dict]]:
+        parts = self._split(rows)
+        extra = {"worker": self.worker, "inc": self.inc} if self.worker is not None else {}
+        return parts, {s: {"table": table, "rows": local, "f16": self.compress, **extra} for s, _, local in parts}
+
+    def _assemble(self, table: str, rows: np.ndarray, parts: list, replies: dict[int, dict]) -> np.ndarray:
+        if any(r.get("retired") for r in replies.values()):
+            raise Retired(f"worker {self.worker} incarnation {self.inc} was retired")
+        versions = self._versions.setdefault(table, [0] * self.k)
+        for s, r in replies.items():
+            versions[s] = r["version"]
+        if self.k == 1:
+            return np.asarray(replies[0]["values"], dtype=np.float32)
+        cols = np.asarray(next(iter(replies.values()))["values"]).shape[1] if replies else 1
+        out = np.empty((rows.size, cols), dtype=np.float32)
+        for s, pos, _ in parts:
+            out[pos] = replies[s]["values"]
+        return out
+
+    def _push_msgs(self, table: str, rows: np.ndarray, grads: np.ndarray) -> dict[int, dict]:
+        grads = np.asarray(grads)
+        if grads.ndim == 1:
+            grads = grads.reshape(-1, 1)
+        if self.compress:
+            grads = grads.astype(np.float16)
+        elif grads.dtype != np.float32:
+            grads = grads.astype(np.float32)
+        self.step += 1
+        versions = self._versions.get(table, [0] * self.k)
+        return {s: {"table": table, "rows": local, "grads": grads[pos], "worker": self.worker, "inc": self.inc,
+                    "step": self.step, "version": versions[s]} for s, pos, local in self._split(rows)}
+
     async def pull(self, table: str, rows: np.ndarray) -> np.ndarray:
         """Values of global ``rows`` (unique int64) as a ``(len(rows), cols)`` float array."""
         rows = np.asarray(rows, dtype=np.int64)
-        parts = self._split(rows)
-        extra = {"worker": self.worker, "inc": self.inc} if self.worker is not None else {}
+        parts, msgs = self._pull_msgs(table, rows)
+        shards = list(msgs)
+        replies = await asyncio.gather(*(self.clients[s].call("pull", msgs[s], timeout=self.timeout) for s in shards))
+        return self._assemble(table, rows, parts, dict(zip(shards, replies)))
+
+    async def push_pull(self, table: str, rows: np.ndarray, grads: np.ndarray, next_rows: np.ndarray) -> np.ndarray:
+        """:meth:`push` this step's gradient and :meth:`pull` the next step's rows in one round trip
+        per shard (the shard applies the push first)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        next_rows = np.asarray(next_rows, dtype=np.int64)
+        pushes = self._push_msgs(table, rows, grads)
+        parts, pulls = self._pull_msgs(table, next_rows)
+        shards = sorted(set(pushes) | set(pulls))
         replies = await asyncio.gather(*(self.clients[s].call(
-            "pull", {"table": table, "rows": local, "f16": self.compress, **extra}, timeout=self.timeout)
-            for s, _, local in parts))
-        versions = self._versions.setdefault(table, [0] * self.k)
-        if any(r.get("retired") for r in replies):
-            raise Retired(f"worker {self.worker} incarnation {self.inc} was retired")
-        if self.k == 1:
-            versions[0] = replies[0]["version"]
-            return np.asarray(replies[0]["values"], dtype=np.float32)
-        cols = np.asarray(replies[0]["values"]).shape[1] if replies else 1
-        out = np.empty((rows.size, cols), dtype=np.float32)
-        for (s, pos, _), r in zip(parts, replies):
-            out[pos] = r["values"]
-            versions[s] = r["version"]
-        return out
+            "pushpull", {"push": pushes.get(s), "pull": pulls.get(s)}, timeout=self.timeout) for s in shards))
+        return self._assemble(table, next_rows, parts, {s: r["pull"] for s, r in zip(shards, replies) if "pull" in r})
 
     async def pull_all(self, table: str, n_rows: int) -> np.ndarray:
         """The whole table (for evaluation and checkpoints of the driver), in global row order."""
@@ -109,22 +140,9 @@ class PSClient:
     async def push(self, table: str, rows: np.ndarray, grads: np.ndarray, *, wait: bool = False) -> list[dict] | None:
         """Send gradient ``grads`` for unique global ``rows`` (one step of this worker). Without
         ``wait`` it returns once sent (the shards count refusals); ``wait=True`` returns their replies."""
-        rows = np.asarray(rows, dtype=np.int64)
-        grads = np.asarray(grads)
-        if grads.ndim == 1:
-            grads = grads.reshape(-1, 1)
-        if self.compress:
-            grads = grads.astype(np.float16)
-        elif grads.dtype != np.float32:
-            grads = grads.astype(np.float32)
-        self.step += 1
-        versions = self._versions.get(table, [0] * self.k)
-        calls = []
-        for s, pos, local in self._split(rows):
-            msg = {"table": table, "rows": local, "grads": grads[pos], "worker": self.worker, "inc": self.inc,
-                   "step": self.step, "version": versions[s]}
-            calls.append(self.clients[s].call("push", msg, timeout=self.timeout) if wait
-                         else self.clients[s].cast("push", msg))
+        msgs = self._push_msgs(table, np.asarray(rows, dtype=np.int64), grads)
+        calls = [self.clients[s].call("push", m, timeout=self.timeout) if wait else self.clients[s].cast("push", m)
+                 for s, m in msgs.items()]
         replies = await asyncio.gather(*calls)
         return list(replies) if wait else None
 

@@ -201,6 +201,15 @@ class Shard:
         self.staleness_sum += staleness
         return {"applied": True, "staleness": staleness}
 
+    def _call_pushpull(self, data: dict) -> dict:
+        """A push and the next pull in one round trip (the push is applied first)."""
+        out: dict[str, Any] = {}
+        if data.get("push") is not None:
+            out["push"] = self._call_push(data["push"])
+        if data.get("pull") is not None:
+            out["pull"] = self._call_pull(data["pull"])
+        return out
+
     def _call_retire(self, data: dict) -> dict:
         w, inc = str(data["worker"]), int(data["inc"])
         self.retired[w] = max(self.retired.get(w, -1), inc)
