@@ -58,6 +58,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import shutil
 import math
 import multiprocessing
 import os
@@ -72,6 +73,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cirrus  # noqa: E402
 from cirrus.dataset import open_dataset, write_arrays_sync  # noqa: E402
 from cirrus.generators import criteo_like  # noqa: E402
 from cirrus.iterator import MinibatchIterator  # noqa: E402
@@ -130,9 +132,15 @@ def prepare_dataset(args: argparse.Namespace, root: str) -> dict[str, Any]:
     began = time.perf_counter()
     if not reused:
         data, _ = criteo_like(args.rows, hash_bits=args.hash_bits, seed=args.seed)
-        write_arrays_sync(root, data.labels, csr=(data.indptr, data.indices, data.values, data.n_features),
+        raw = root.rstrip("/") + ".raw" if args.normalize else root
+        write_arrays_sync(raw, data.labels, csr=(data.indptr, data.indices, data.values, data.n_features),
                           partition_bytes=partition_bytes(args))
         del data
+        if args.normalize:  # the thesis's workflow: load, then min-max scale every column (map-reduce)
+            t0 = time.perf_counter()
+            cirrus.normalize(raw, root, cirrus.MIN_MAX_SCALING)
+            log(f"normalized (min-max, map-reduce over worker processes) in {time.perf_counter() - t0:.1f} s")
+            shutil.rmtree(raw, ignore_errors=True)
 
     async def describe() -> dict[str, Any]:
         async with await open_dataset(root) as ds:
@@ -649,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", metavar="DIR", help="write the dataset into DIR and keep it; reuse it if it is "
                    "already there with the same --rows and --hash-bits (default: a temporary folder)")
     g.add_argument("--seed", type=int, default=0, help="dataset and training seed (default %(default)s)")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="train on the raw features (default: min-max scale them first with cirrus.normalize, "
+                        "as the thesis's workflow does; every method then sees the same scaled data)")
     g = p.add_argument_group("training")
     g.add_argument("--batch", type=int, default=20, help="minibatch size (default %(default)s)")
     g.add_argument("--lr", type=float, default=0.1, help="adagrad learning rate of cirrus, the baseline and "

@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "through a zipcomm reduce tree, then each partition transformed. "
                                       "min-max maps a column to --range (a constant column to its low "
                                       "end); standardization to zero mean and unit (population) standard "
-                                      "deviation (a constant column to 0). Sparse data: statistics over "
-                                      "the stored entries; implicit zeros stay zero. The statistics are "
-                                      "saved as OUT_URI/stats.npy.")
+                                      "deviation (a constant column to 0). Sparse data stays sparse: "
+                                      "statistics count the implicit zeros, which stay zero; "
+                                      "standardization scales without centering; min-max needs a range "
+                                      "starting at 0. The statistics are saved as OUT_URI/stats.npy.")
     _job_options(norm)
     norm.add_argument("--method", choices=tuple(_METHODS), default="min-max",
                       help="normalization (default: %(default)s)")
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     print(f"wrote {manifest['n_rows']} rows, {manifest['n_features']} features, "
           f"{len(manifest['partitions'])} partitions in {time.perf_counter() - began:.1f} s", flush=True)
+    neg = manifest.get("derived", {}).get("columns_with_negative_minimum")
+    if neg:
+        print(f"note: {neg} sparse column(s) have a negative minimum: their implicit zeros stay 0 rather "
+              "than moving with the scaling", flush=True)
     if args.cmd == "hash":
         b = manifest["derived"]["buckets"]
         print(f"{b['used']} of {b['n_buckets']} buckets used; fullest bucket holds {b['max_load']} of "

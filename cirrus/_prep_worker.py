@@ -130,6 +130,11 @@ async def _hash(spec: dict[str, Any], rt: Any, deadline: float) -> dict[str, Any
     return result
 
 
+def _report(exc: BaseException) -> None:
+    attrs = {k: getattr(exc, k) for k in ("name", "uri", "key") if isinstance(getattr(exc, k, None), str)}
+    _say({"error": {"type": type(exc).__name__, "message": str(exc) or repr(exc), "attrs": attrs}})
+
+
 async def _main() -> int:
     line = sys.stdin.readline()
     spec = json.loads(line)
@@ -138,12 +143,15 @@ async def _main() -> int:
     try:
         async with await zipcomm.connect(spec["controller"]) as rt:
             job = _normalize if spec["job"] == "normalize" else _hash
-            result = await job(spec, rt, deadline)
+            try:
+                result = await job(spec, rt, deadline)
+            except Exception as exc:  # said before leaving the channels, so it arrives before the echo
+                _report(exc)      # of our departure in the other workers
+                return 2
         _say({"result": result})
         return 0
     except Exception as exc:  # reported to the coordinator, which raises it in the caller
-        attrs = {k: getattr(exc, k) for k in ("name", "uri", "key") if isinstance(getattr(exc, k, None), str)}
-        _say({"error": {"type": type(exc).__name__, "message": str(exc) or repr(exc), "attrs": attrs}})
+        _report(exc)
         return 2
     finally:
         watcher.cancel()

@@ -107,8 +107,9 @@ async def _follow(w: _Worker, on_progress: Callable[[], None]) -> None:
                 on_progress()
             elif "result" in msg:
                 w.result = msg["result"]
-            elif "error" in msg:
+            elif "error" in msg:  # raised at once: the worker may take a while to leave its channels
                 w.error = _rebuild_error(w.rank, msg["error"])
+                raise w.error
         code = await w.proc.wait()
     finally:
         w.stderr = await err_task if not err_task.cancelled() and err_task.done() else b""
@@ -222,7 +223,9 @@ async def normalize_async(in_uri: str, out_uri: str, method: str = MIN_MAX_SCALI
 
     ``method``: :data:`MIN_MAX_SCALING` (to ``feature_range``; a constant column becomes its low
     end) or :data:`STANDARDIZATION` (zero mean, unit population standard deviation; a constant
-    column becomes 0). Sparse datasets: statistics over the stored entries; implicit zeros stay.
+    column becomes 0). Sparse datasets stay sparse (implicit zeros stay 0; statistics count them;
+    standardization scales without centering; min-max needs ``feature_range`` starting at 0 and
+    reports in the manifest how many columns have a negative minimum — see :mod:`cirrus.transforms`).
     ``progress(done, total)`` is called as partitions are summarized and written. Returns the
     output manifest."""
     if method not in METHODS:
@@ -233,6 +236,9 @@ async def normalize_async(in_uri: str, out_uri: str, method: str = MIN_MAX_SCALI
         raise ValueError(f"feature_range must be two finite numbers low < high, got {feature_range!r}")
     ds, n_parts = await _prepare(in_uri, out_uri)
     async with ds:
+        if ds.kind == "sparse" and method == MIN_MAX_SCALING and lo != 0.0:
+            raise ValueError(f"{ds.uri} is sparse: its implicit zeros stay 0, so feature_range must start at 0 "
+                             f"(got {feature_range!r})")
         nw = _check_workers(n_workers, n_parts)
         job = {"job": "normalize", "in": in_uri, "out": out_uri, "method": method, "feature_range": [lo, hi],
                "channel": f"cirrus-normalize-{uuid.uuid4().hex[:12]}"}
@@ -240,6 +246,9 @@ async def normalize_async(in_uri: str, out_uri: str, method: str = MIN_MAX_SCALI
         entries = _entries(workers, n_parts)
         extra = {"derived": {"op": "normalize", "method": method, "feature_range": [lo, hi],
                              "source": str(in_uri), "stats": STATS_KEY, "workers": nw}}
+        if ds.kind == "sparse" and method == MIN_MAX_SCALING:
+            st = await load_stats(out_uri)
+            extra["derived"]["columns_with_negative_minimum"] = int(np.count_nonzero(st["min"] < 0))
         store = open_store(out_uri)
         try:
             return await commit_dataset(store, entries, kind=ds.kind, n_features=ds.n_features, extra=extra)

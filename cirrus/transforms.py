@@ -6,9 +6,18 @@ that mean (``m2``), their minimum and maximum. :func:`combine_stats` merges such
 (Chan et al.'s pairwise update, numerically stable), so partitions can be summarized in any
 grouping and order — the reduce step of the job runs it up a zipcomm reduce tree.
 
-Which values count: every entry of a dense partition; the *stored* entries of a sparse one
-(implicit zeros are absent values, and stay zero after the transform, so a sparse dataset stays
-sparse). A column without values keeps count 0 and is left alone.
+Which values count: every value of the matrix — for a sparse partition the implicit zeros too, so
+the statistics of a sparse dataset equal those of the same matrix stored densely. A sparse dataset
+stays sparse: its implicit zeros stay zero, and its stored entries are transformed as follows.
+
+* Min-max scaling: ``low + (x - min) * (high - low) / (max - min)`` per column, a constant column
+  going to ``low``. On sparse data ``low`` must be 0; a stored entry gets exactly the dense result,
+  and an implicit zero does too whenever the column's minimum is 0 (counts, one-hot features). A
+  column with a negative minimum would need its implicit zeros stored to match the dense result;
+  they stay zero and :func:`sparse_zero_mismatch` counts such columns (the job reports them).
+* Standardization: dense data ``(x - mean) / std`` (population std; a constant column becomes 0).
+  Sparse data is scaled without centering, ``x / std`` — centering would turn every implicit zero
+  into a stored value — as scikit-learn's ``StandardScaler(with_mean=False)`` does.
 
 Feature hashing maps every entry ``(column j, value v)`` of a row to one of ``2**hash_bits``
 buckets: a column listed as categorical contributes 1.0 to the bucket of ``(j, v)`` (each distinct
@@ -28,7 +37,7 @@ from .errors import DatasetError
 
 __all__ = [
     "MIN_MAX_SCALING", "STANDARDIZATION", "METHODS", "STAT_ROWS",
-    "empty_stats", "partition_stats", "combine_stats", "normalize_partition",
+    "empty_stats", "partition_stats", "combine_stats", "normalize_partition", "sparse_zero_mismatch",
     "hash_buckets", "hash_partition",
 ]
 
@@ -82,19 +91,29 @@ def partition_stats(p: Partition, name: str = "<partition>") -> np.ndarray:
         s[MIN] = x.min(axis=0)
         s[MAX] = x.max(axis=0)
         return s
-    cols, vals = _entries(p)
-    if not vals.size:
+    n = p.n_rows
+    if n == 0:
         return s
+    cols, vals = _entries(p)
     _check_finite(vals, cols, name)
-    count = np.bincount(cols, minlength=d).astype(np.float64)
+    stored = np.bincount(cols, minlength=d).astype(np.float64)
     total = np.bincount(cols, weights=vals, minlength=d)
-    mean = np.divide(total, count, out=np.zeros(d), where=count > 0)
+    mean = total / n
     dev = vals - mean[cols]
-    s[COUNT], s[MEAN] = count, mean
-    s[M2] = np.bincount(cols, weights=dev * dev, minlength=d)
+    s[COUNT], s[MEAN] = n, mean
+    # squared deviations of the stored values, plus (0 - mean)^2 for each implicit zero
+    s[M2] = np.bincount(cols, weights=dev * dev, minlength=d) + (n - stored) * mean * mean
     np.minimum.at(s[MIN], cols, vals)
     np.maximum.at(s[MAX], cols, vals)
+    has_zero = stored < n
+    s[MIN][has_zero] = np.minimum(s[MIN][has_zero], 0.0)
+    s[MAX][has_zero] = np.maximum(s[MAX][has_zero], 0.0)
     return s
+
+
+def sparse_zero_mismatch(stats: np.ndarray) -> int:
+    """Columns whose implicit zeros min-max scaling would move away from 0 (negative minimum)."""
+    return int(np.count_nonzero(stats[MIN] < 0))
 
 
 def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -147,10 +166,10 @@ def _scaled(x: np.ndarray, cols: np.ndarray | None, stats: np.ndarray, method: s
         count = stats[COUNT]
         std = np.sqrt(np.divide(stats[M2], count, out=np.zeros_like(count), where=count > 0))
         inv = np.divide(1.0, std, out=np.zeros_like(std), where=~constant & (std > 0))
-        mean = stats[MEAN]
-        if cols is not None:
-            inv, mean = inv[cols], mean[cols]
-        x -= mean
+        if cols is not None:  # sparse: scale only (see the module docstring)
+            x *= inv[cols]
+            return x
+        x -= stats[MEAN]
         x *= inv  # a constant column: (x - mean) * 0 = 0
         return x
     raise ValueError(f"unknown normalization {method!r}; use one of {METHODS}")

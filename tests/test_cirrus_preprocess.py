@@ -93,13 +93,27 @@ def _ref_scale(vals: np.ndarray, method: str) -> np.ndarray:
 
 
 def _reference(full: Partition, method: str) -> np.ndarray:
+    """Dense: every column scaled. Sparse: the stored entries' values, as documented — min-max
+    exactly as the dense matrix's (implicit zeros included in the statistics); standardization
+    scaled by the dense column's standard deviation, without centering."""
     if full.dense is not None:
         return np.stack([_ref_scale(full.dense[:, j], method) for j in range(full.dense.shape[1])], axis=1)
+    dense = full.toarray().astype(np.float64)
     out = np.array(full.values, dtype=np.float64)
     for j in range(full.n_features):
         at = full.indices == j
-        out[at] = _ref_scale(full.values[at], method)
+        col = dense[:, j]
+        if method == MIN_MAX_SCALING:
+            out[at] = _minmax_at(col, full.values[at])
+        else:
+            sd = col.std()
+            out[at] = 0.0 if col.min() == col.max() else full.values[at] / sd
     return out
+
+
+def _minmax_at(col: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    lo, hi = col.min(), col.max()
+    return np.zeros_like(vals, dtype=np.float64) if hi == lo else (vals - lo) / (hi - lo)
 
 
 # -- normalize ---------------------------------------------------------------------------------------
@@ -140,7 +154,12 @@ async def test_normalize_equals_numpy_reference(tmp_path, kind, layout, method) 
         np.testing.assert_allclose(stats["mean"], full.dense.mean(axis=0), rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(stats["std"], full.dense.std(axis=0), rtol=1e-9, atol=1e-9)
     else:
-        assert stats["count"][8] == 0  # a column without stored values
+        dense = full.toarray()  # the statistics are those of the matrix, implicit zeros included
+        np.testing.assert_allclose(stats["mean"], dense.mean(axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats["std"], dense.std(axis=0), rtol=1e-9, atol=1e-12)
+        assert stats["min"][8] == stats["max"][8] == 0  # a column never stored
+        if method == MIN_MAX_SCALING:  # those columns' implicit zeros stay 0 (reported, not hidden)
+            assert manifest["derived"]["columns_with_negative_minimum"] == int((dense.min(axis=0) < 0).sum())
 
 
 @pytest.mark.asyncio
@@ -249,6 +268,10 @@ async def test_bad_arguments_are_refused_before_any_work(tmp_path) -> None:
         await feature_hashing_async(src, str(tmp_path / "o"), columns=[3])
     with pytest.raises(IncompleteDataset):
         await normalize_async(str(tmp_path / "nothing"), str(tmp_path / "o"))
+    y2, ip, ix, v = _sparse(40, 9, seed=7)
+    await _write(str(tmp_path / "sp"), [Partition(y2, indptr=ip, indices=ix, values=v, n_features=9)])
+    with pytest.raises(ValueError, match="implicit zeros stay 0"):
+        await normalize_async(str(tmp_path / "sp"), str(tmp_path / "o"), feature_range=(-1.0, 1.0))
     assert not (tmp_path / "o" / MANIFEST_KEY).exists()
 
 
