@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -92,6 +93,8 @@ PARAMS: dict[str, tuple[Any, Any, str]] = {
     "checkpoint": (_opt(lambda v: isinstance(v, str) and v != ""), None, "a folder / s3 URI, or None"),
     "checkpoint_every": (_num(0), 0.0, "seconds >= 0"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, 0, "an integer >= 0"),
+    "progress": (lambda v: v is None or isinstance(v, bool), None,
+                 "True / False: a live status line on stderr at each evaluation (None: when stderr is a terminal)"),
     "ps": (lambda v: v in ("server", "none"), "server", "'server' (a sharded parameter server) or 'none' "
            "(synchronous SGD over zipcomm allreduce, no server process; local workers, no lifetime)"),
     "launcher": (lambda v: v in ("local", "lambda"), "local", "'local' (worker processes here) or 'lambda' "
@@ -266,6 +269,8 @@ class Task:
             finally:
                 await self._launcher.stop()
                 self._ended = time.monotonic()
+                if self.time_loss:
+                    self._show(model.metric, self.time_loss[-1][1], final=True)
                 if sync is None:
                     with contextlib.suppress(Exception):
                         self.ps_stats = await asyncio.wait_for(self._ps.client.stats(), 5)
@@ -346,6 +351,7 @@ class Task:
             self.metrics.append({"time": self._elapsed(), **m, "updates": self.updates})
             loss = m[model.metric]
             self.time_loss.append((self._elapsed(), loss))
+            self._show(model.metric, loss)
             if len(self.time_loss) >= 2 and abs(self.time_loss[-2][1] - loss) < p["epsilon"]:
                 within += 1
             else:
@@ -371,6 +377,17 @@ class Task:
                 return
             if p["max_updates"] is None and self._ps is not None:
                 await self._launcher.maintain()  # (ps="none" replicas cannot be replaced)
+
+    def _show(self, metric: str, loss: float, final: bool = False) -> None:
+        show = self.params["progress"]
+        tty = sys.stderr.isatty()
+        if not (tty if show is None else show):
+            return
+        p = self.params
+        line = (f"{self.model_name}: {self._elapsed():6.1f}/{p['timeout']:g} s  held-out {metric} {loss:.5g}  "
+                f"{self.updates} updates ({self.get_updates_per_second():.0f}/s)  cost ${self.cost():.6f}")
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
+        sys.stderr.flush()
 
     def result(self) -> dict[str, Any]:
         last = self.metrics[-1] if self.metrics else {}

@@ -99,6 +99,7 @@ class GridSearch:
         for i, combo in enumerate(itertools.product(*[list(v) for v in hyper_params])):
             hyper = {k: (v.item() if hasattr(v, "item") else v) for k, v in zip(self.hyper_vars, combo)}
             params = {**param_base, **hyper}
+            params.setdefault("progress", False)  # the grid draws its own status line
             validate_params(params, task.extra_params)  # a bad grid fails here, before anything runs
             self.experiments.append(Experiment(i, params, hyper, task(params)))
         for e in self.experiments:

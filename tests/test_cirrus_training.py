@@ -139,12 +139,12 @@ def test_killed_workers_are_replaced_and_lifetimes_make_generations(dataset) -> 
     assert losses[-1] < losses[0]  # training carried on across generations
 
 
-def test_kill_stops_workers_within_a_second(dataset) -> None:
+def test_kill_stops_workers_within_a_second(dataset, capsys) -> None:
     uri, _ = dataset
 
     async def go():
         task = LogisticRegression({"dataset": uri, "n_workers": 2, "model_size": MODEL, "timeout": 60,
-                                   "eval_interval": 0.3})
+                                   "eval_interval": 0.3, "progress": True})
         run = asyncio.create_task(task.run_async())
         await _until(lambda: task.time_loss or run.done(), "the first evaluation")
         pids = task._launcher.pids()
@@ -154,6 +154,7 @@ def test_kill_stops_workers_within_a_second(dataset) -> None:
 
     pids, r = asyncio.run(go())
     assert len(pids) == 2 and r["stop_reason"] == "killed"
+    assert "held-out log_loss" in capsys.readouterr().err  # the live status line
 
 
 def test_lr_on_lambda_workers_through_a_local_invoke_endpoint(dataset, monkeypatch) -> None:
