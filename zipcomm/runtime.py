@@ -123,6 +123,8 @@ class Runtime:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> Runtime:
+        if self._server is not None or self._closing:
+            raise RuntimeError("this runtime was already started (await zipcomm.connect(...) starts it)")
         self._server = await start_server(f"{self.listen_host}:0", self._serve_peer, secret=self.secret)
         self.address = self._server.address
         await self._open_session(deadline=self.connect_timeout)
