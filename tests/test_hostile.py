@@ -107,3 +107,101 @@ async def test_huge_length_prefixes_after_the_handshake_close_that_connection_on
             assert not bystander.is_closed, name  # the other connection was not touched
             await bystander.aclose()
             await _still_serving(address)
+
+
+def _p99(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_silent_and_slow_drip_sockets_are_closed_by_their_deadline_while_joins_keep_working() -> None:
+    from zipcomm.protocol.handshake import Handshake
+    from zipcomm.transport.connection import HANDSHAKE_TIMEOUT
+
+    hello = Handshake(True, None).initial_bytes()  # a real client hello, sent one byte at a time
+
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        host, port = ctl.address.rsplit(":", 1)
+        async with await zipcomm.connect(ctl.address, daemon="") as rt:
+            async def joins(tag: str, n: int = 300) -> list[float]:
+                lat = []
+                for i in range(n):
+                    began = time.perf_counter()
+                    ch = await rt.broadcast_channel(f"{tag}-{i}")
+                    lat.append(time.perf_counter() - began)
+                    await ch.aclose()
+                return lat
+
+            quiet = await joins("quiet")
+            opened = time.monotonic()
+            silent = [await asyncio.open_connection(host, int(port)) for _ in range(1000)]
+            drips = [await asyncio.open_connection(host, int(port)) for _ in range(100)]
+
+            async def drip(w: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(ConnectionError):
+                    for b in hello * 100:  # never completes: one byte every 0.2 s
+                        w.write(bytes([b]))
+                        await w.drain()
+                        await asyncio.sleep(0.2)
+
+            drippers = [asyncio.create_task(drip(w)) for _, w in drips]
+            loaded = await joins("loaded")  # while 1,100 sockets hang on the controller
+
+            async def eof(r: asyncio.StreamReader) -> float:
+                with contextlib.suppress(ConnectionError):
+                    while await r.read(4096):
+                        pass
+                return time.monotonic() - opened
+
+            try:
+                closed = await asyncio.wait_for(asyncio.gather(*(eof(r) for r, _ in silent + drips)),
+                                                HANDSHAKE_TIMEOUT + 10)
+            finally:
+                for t in drippers:
+                    t.cancel()
+                await asyncio.gather(*drippers, return_exceptions=True)
+                for _, w in silent + drips:
+                    w.close()
+            print(f"quiet join p99 {_p99(quiet) * 1e3:.2f} ms, loaded {_p99(loaded) * 1e3:.2f} ms; "
+                  f"abusive sockets closed after {min(closed):.2f}..{max(closed):.2f} s")
+            # every one closed by its handshake deadline (they were opened over `opened`..now)
+            assert max(closed) <= HANDSHAKE_TIMEOUT + 3.0 and min(closed) >= HANDSHAKE_TIMEOUT - 0.5
+            assert _p99(loaded) <= 2 * _p99(quiet), (_p99(loaded), _p99(quiet))
+            ch = await rt.broadcast_channel("after")  # and the controller still serves
+            await ch.aclose()
+
+
+@pytest.mark.asyncio
+async def test_connections_beyond_the_cap_are_closed_on_arrival_and_counted() -> None:
+    from zipcomm.transport.connection import start_server
+
+    async def serve(conn) -> None:
+        await conn.closed
+
+    server = await start_server("127.0.0.1:0", serve, max_connections=5)
+    try:
+        kept = [await open_connection(server.address) for _ in range(5)]
+        host, port = server.address.rsplit(":", 1)
+        for _ in range(3):
+            r, w = await asyncio.open_connection(host, int(port))
+            assert await asyncio.wait_for(r.read(), 1.0) == b""  # closed at once
+            w.close()
+        assert server.refused_connections == 3 and server.connections == 5
+        await kept.pop().aclose()
+        await _until(lambda: server.connections == 4)
+        again = await open_connection(server.address)  # a freed slot is usable again
+        await again.aclose()
+        for c in kept:
+            await c.aclose()
+    finally:
+        await server.aclose()
+
+
+async def _until(pred, limit: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + limit
+    while not pred():  # poll a predicate under a deadline
+        assert loop.time() < give_up, "timed out"
+        await asyncio.sleep(0.01)

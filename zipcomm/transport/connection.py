@@ -33,6 +33,7 @@ HANDSHAKE_TIMEOUT = 5.0
 RECV_QUEUE_FRAMES = 256  # pause reading beyond this many undelivered frames
 DEFAULT_MAX_OUTBOUND = 2 << 30  # bytes queued for a peer that does not read
 WRITE_HIGH_WATER = 16 << 20  # drain() waits while more than this is queued
+DEFAULT_MAX_CONNECTIONS = 16384  # a server closes connections beyond this many at once (counted)
 
 
 class Connection:
@@ -278,6 +279,12 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
         self.address = ""
+        self.refused_connections = 0  # closed on arrival: the server held max_connections already
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now (handshaking ones included)."""
+        return len(self._handlers)
 
     async def aclose(self) -> None:
         if self._server is not None:
@@ -303,13 +310,18 @@ async def start_server(
     secret: bytes | None = None,
     limits: Limits = DEFAULT_LIMITS,
     max_outbound: int = DEFAULT_MAX_OUTBOUND,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Server:
     """Listen on ``address``; each handshaken connection runs ``on_connection(conn)``
-    in its own task, owned by the server and cancelled by :meth:`Server.aclose`."""
+    in its own task, owned by the server and cancelled by :meth:`Server.aclose`. Beyond
+    ``max_connections`` at once, a new connection is closed on arrival (``refused_connections``)."""
     loop = asyncio.get_running_loop()
     server = Server()
 
-    def factory() -> _FrameProtocol:
+    def factory() -> asyncio.BaseProtocol:
+        if len(server._handlers) >= max_connections:
+            server.refused_connections += 1
+            return _Refuse()
         conn = Connection(limits, max_outbound)
         task = loop.create_task(_serve_one(conn, on_connection))
         server._handlers.add(task)
@@ -326,6 +338,11 @@ async def start_server(
         sockname = server._server.sockets[0].getsockname()
         server.address = f"{sockname[0]}:{sockname[1]}"
     return server
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
 
 
 async def _serve_one(conn: Connection, on_connection: Callable[[Connection], Awaitable[None]]) -> None:
