@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import math
 import os
 import sys
@@ -46,6 +45,8 @@ from typing import Any
 
 from aiohttp import web
 
+from zipcomm.transport.connection import is_loopback
+
 __all__ = ["Dashboard", "MAX_POINTS", "main"]
 
 MAX_POINTS = 500
@@ -54,12 +55,7 @@ _KILLABLE = ("queued", "running")
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def _num(v: Any) -> float | None:

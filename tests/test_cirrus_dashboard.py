@@ -160,8 +160,11 @@ def test_state_json_kill_404_409_and_run_async_ui(uri, capsys) -> None:
 
 
 async def _grown(state, i: int, n: int):
+    """The state once experiment i has n evaluations and its workers reported updates (on a busy
+    machine the first progress report can come after the first evaluations)."""
     st = await state()
-    return st if st["experiments"][i]["n_points"] >= n else None
+    e = st["experiments"][i]
+    return st if e["n_points"] >= n and e["updates_per_s"] > 0 else None
 
 
 async def _longer_series(state, n: int):

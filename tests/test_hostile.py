@@ -114,18 +114,56 @@ def _p99(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 
 
+_ABUSER = r"""
+import asyncio, json, sys, time
+from zipcomm.protocol.handshake import Handshake
+
+async def main(host, port, n_silent, n_drip):
+    hello = Handshake(True, None).initial_bytes()   # a real client hello, one byte at a time
+    opened = time.monotonic()
+    silent = [await asyncio.open_connection(host, port) for _ in range(n_silent)]
+    drips = [await asyncio.open_connection(host, port) for _ in range(n_drip)]
+    print("ready", flush=True)
+
+    async def drip(w):
+        try:
+            for b in hello * 100:          # never completes: one byte every 0.2 s
+                w.write(bytes([b])); await w.drain(); await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass
+
+    async def eof(r):
+        try:
+            while await r.read(4096):
+                pass
+        except ConnectionError:
+            pass
+        return time.monotonic() - opened
+
+    tasks = [asyncio.create_task(drip(w)) for _, w in drips]
+    closed = await asyncio.wait_for(asyncio.gather(*(eof(r) for r, _ in silent + drips)), 30)
+    for t in tasks:
+        t.cancel()
+    print(json.dumps({"first": min(closed), "last": max(closed), "n": len(closed)}), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_silent_and_slow_drip_sockets_are_closed_by_their_deadline_while_joins_keep_working() -> None:
-    from zipcomm.protocol.handshake import Handshake
-    from zipcomm.transport.connection import HANDSHAKE_TIMEOUT
+    """1,000 silent and 100 slow-drip sockets from another process hang on the controller: all are
+    closed by the 5 s handshake deadline, and a member's joins meanwhile keep their p99."""
+    import json
+    import sys
 
-    hello = Handshake(True, None).initial_bytes()  # a real client hello, sent one byte at a time
+    from zipcomm.transport.connection import HANDSHAKE_TIMEOUT
 
     async with zipcomm.Controller("127.0.0.1:0") as ctl:
         host, port = ctl.address.rsplit(":", 1)
         async with await zipcomm.connect(ctl.address, daemon="") as rt:
-            async def joins(tag: str, n: int = 300) -> list[float]:
+            async def joins(tag: str, n: int = 500) -> list[float]:
                 lat = []
                 for i in range(n):
                     began = time.perf_counter()
@@ -135,40 +173,27 @@ async def test_silent_and_slow_drip_sockets_are_closed_by_their_deadline_while_j
                 return lat
 
             quiet = await joins("quiet")
-            opened = time.monotonic()
-            silent = [await asyncio.open_connection(host, int(port)) for _ in range(1000)]
-            drips = [await asyncio.open_connection(host, int(port)) for _ in range(100)]
-
-            async def drip(w: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(ConnectionError):
-                    for b in hello * 100:  # never completes: one byte every 0.2 s
-                        w.write(bytes([b]))
-                        await w.drain()
-                        await asyncio.sleep(0.2)
-
-            drippers = [asyncio.create_task(drip(w)) for _, w in drips]
-            loaded = await joins("loaded")  # while 1,100 sockets hang on the controller
-
-            async def eof(r: asyncio.StreamReader) -> float:
-                with contextlib.suppress(ConnectionError):
-                    while await r.read(4096):
-                        pass
-                return time.monotonic() - opened
-
+            abuser = await asyncio.create_subprocess_exec(sys.executable, "-c", _ABUSER, host, port, "1000", "100",
+                                                          stdout=asyncio.subprocess.PIPE)
             try:
-                closed = await asyncio.wait_for(asyncio.gather(*(eof(r) for r, _ in silent + drips)),
-                                                HANDSHAKE_TIMEOUT + 10)
+                assert (await asyncio.wait_for(abuser.stdout.readline(), 30)).strip() == b"ready"
+                await _until(lambda: ctl._server.connections >= 1100, 10.0)  # all held, none handshaken
+                loaded = await joins("loaded")  # while 1,100 sockets hang on the controller
+                closed = json.loads(await asyncio.wait_for(abuser.stdout.readline(), 40))
+                assert await abuser.wait() == 0
             finally:
-                for t in drippers:
-                    t.cancel()
-                await asyncio.gather(*drippers, return_exceptions=True)
-                for _, w in silent + drips:
-                    w.close()
-            print(f"quiet join p99 {_p99(quiet) * 1e3:.2f} ms, loaded {_p99(loaded) * 1e3:.2f} ms; "
-                  f"abusive sockets closed after {min(closed):.2f}..{max(closed):.2f} s")
-            # every one closed by its handshake deadline (they were opened over `opened`..now)
-            assert max(closed) <= HANDSHAKE_TIMEOUT + 3.0 and min(closed) >= HANDSHAKE_TIMEOUT - 0.5
-            assert _p99(loaded) <= 2 * _p99(quiet), (_p99(loaded), _p99(quiet))
+                if abuser.returncode is None:
+                    abuser.kill()
+                    await abuser.wait()
+            after = await joins("after")
+            # quiet p99 measured before and after the abuse (this machine is shared and noisy)
+            baseline = max(_p99(quiet), _p99(after))
+            print(f"quiet join p99 {_p99(quiet) * 1e3:.2f} / {_p99(after) * 1e3:.2f} ms, loaded "
+                  f"{_p99(loaded) * 1e3:.2f} ms; {closed['n']} abusive sockets closed after "
+                  f"{closed['first']:.2f}..{closed['last']:.2f} s")
+            assert closed["n"] == 1100
+            assert HANDSHAKE_TIMEOUT - 0.5 <= closed["first"] and closed["last"] <= HANDSHAKE_TIMEOUT + 3.0
+            assert _p99(loaded) <= 2 * baseline, (_p99(loaded), baseline)
             ch = await rt.broadcast_channel("after")  # and the controller still serves
             await ch.aclose()
 
@@ -205,3 +230,94 @@ async def _until(pred, limit: float = 5.0) -> None:
     while not pred():  # poll a predicate under a deadline
         assert loop.time() < give_up, "timed out"
         await asyncio.sleep(0.01)
+
+
+def test_listening_beyond_loopback_without_a_secret_is_refused_at_start_up(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ZIPCOMM_SECRET"}
+    for cmd in (["-m", "zipcomm.controller", "--listen", "0.0.0.0:0"],
+                ["-m", "zipcomm.daemon", "--controller", "127.0.0.1:9", "--socket", str(tmp_path / "d.sock"),
+                 "--listen-host", "0.0.0.0"],
+                ["-m", "cirrus.ps", "--shard", "0", "--listen", "0.0.0.0:0"],
+                ["-m", "cirrus.ps", "--shards", "2", "--host", "0.0.0.0"]):
+        out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2 and "non-loopback" in out.stderr and "without a secret" in out.stderr, \
+            (cmd, out.returncode, out.stderr)
+
+
+@pytest.mark.asyncio
+async def test_a_member_or_a_shard_beyond_loopback_without_a_secret_is_refused(monkeypatch) -> None:
+    monkeypatch.delenv("ZIPCOMM_SECRET", raising=False)
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        rt = zipcomm.connect(ctl.address, daemon="", listen_host="0.0.0.0")
+        with pytest.raises(ValueError, match="without a secret"):
+            await rt.start()
+        with pytest.raises(ValueError, match="without a secret"):
+            await Shard(0, 1).start("0.0.0.0:0")
+
+
+@pytest.mark.asyncio
+async def test_a_consumer_that_stops_reading_is_cut_off_and_counted_others_unaffected() -> None:
+    """Also the byte cap: a sender that does not wait is cut off at max_outbound queued bytes."""
+    import numpy as np
+
+    from zipcomm.errors import BrokenByPeer
+    from zipcomm.transport import connection as tc
+
+    chunk = np.zeros(256 << 10, dtype=np.uint8)
+    outcome: dict[str, object] = {}
+
+    async def serve(conn) -> None:
+        role = (await conn.recv()).header["role"]
+        try:
+            for i in range(400):  # 100 MB offered to each client
+                conn.send({"op": "data", "i": i}, [chunk])
+                await conn.drain()
+            outcome[role] = "sent all"
+        except BrokenByPeer as exc:
+            outcome[role] = exc
+
+    before = tc.counters["slow_consumers_cut_off"]
+    # a sender waits in drain() while a consumer's buffer is full; one that takes nothing for
+    # stall_timeout is cut off (a reading consumer is only paced)
+    server = await tc.start_server("127.0.0.1:0", serve, stall_timeout=0.5)
+    try:
+        stalled = await open_connection(server.address)
+        stalled.send({"op": "hello", "role": "stalled"})  # and then never reads
+        reader = await open_connection(server.address)
+        reader.send({"op": "hello", "role": "reader"})
+        got = 0
+        while got < 400:
+            frame = await asyncio.wait_for(reader.recv(), 30)
+            got += 1
+            assert frame.header["i"] == got - 1
+        await _until(lambda: "stalled" in outcome, 30)
+        assert isinstance(outcome["stalled"], BrokenByPeer) and outcome["reader"] == "sent all"
+        assert tc.counters["slow_consumers_cut_off"] == before + 1
+        await stalled.aclose()
+        await reader.aclose()
+    finally:
+        await server.aclose()
+
+    async def blast(conn) -> None:  # never waits: only the byte cap stops it
+        await conn.recv()
+        try:
+            for i in range(400):
+                conn.send({"op": "data", "i": i}, [chunk])
+            outcome["blast"] = "sent all"
+        except BrokenByPeer as exc:
+            outcome["blast"] = exc
+        await conn.closed
+
+    server = await tc.start_server("127.0.0.1:0", blast, max_outbound=8 << 20)
+    try:
+        stalled = await open_connection(server.address)
+        stalled.send({"op": "hello"})
+        await _until(lambda: "blast" in outcome, 30)
+        assert isinstance(outcome["blast"], BrokenByPeer) and "outbound cap" in str(outcome["blast"])
+        assert tc.counters["slow_consumers_cut_off"] == before + 2
+        await stalled.aclose()
+    finally:
+        await server.aclose()

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .protocol import messages as m
 from .protocol.handshake import load_secret
-from .transport.connection import Connection, Server, open_connection, start_server
+from .transport.connection import Connection, Server, open_connection, refuse_open_listen, start_server
 
 if TYPE_CHECKING:
     from .channels.core import ChannelCore
@@ -125,6 +125,7 @@ class Runtime:
     async def start(self) -> Runtime:
         if self._server is not None or self._closing:
             raise RuntimeError("this runtime was already started (await zipcomm.connect(...) starts it)")
+        refuse_open_listen(self.listen_host, self.secret, "a member's peer port")
         self._server = await start_server(f"{self.listen_host}:0", self._serve_peer, secret=self.secret)
         self.address = self._server.address
         await self._open_session(deadline=self.connect_timeout)

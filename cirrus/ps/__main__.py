@@ -13,6 +13,8 @@ import tempfile
 import time
 
 from zipcomm._entry import run, write_ready_file
+from zipcomm.protocol.handshake import load_secret
+from zipcomm.transport.connection import parse_address, refuse_open_listen
 
 from .shard import Shard
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="load the shard's checkpoint at start, if any")
     p.add_argument("--max-staleness", type=int, default=None, metavar="N",
                    help="refuse pushes computed on a model more than N updates old (default: no bound)")
+    p.add_argument("--secret-file", metavar="FILE",
+                   help="file (mode 0600) holding the shared secret clients must prove (HMAC); default: "
+                        "$ZIPCOMM_SECRET. A non-loopback address without a secret is refused.")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write the address(es) as JSON to FILE once listening (for scripts and tests)")
     p.add_argument("-v", "--verbose", action="store_true", help="log checkpoints and resumes")
@@ -65,7 +70,7 @@ def _one(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> int:
         shard = Shard(args.shard, args.shards, max_staleness=args.max_staleness,
                       checkpoint_uri=args.checkpoint, checkpoint_every=args.checkpoint_every)
-        address = await shard.start(args.listen, resume=args.resume)
+        address = await shard.start(args.listen, resume=args.resume, secret=args.secret)
         if args.ready_file:
             write_ready_file(args.ready_file, json.dumps({"shards": [address]}))
         try:
@@ -86,6 +91,8 @@ def _all(args: argparse.Namespace) -> int:
             for i in range(args.shards):
                 cmd = [sys.executable, "-m", "cirrus.ps", "--shards", str(args.shards), "--shard", str(i),
                        "--listen", f"{args.host}:0", "--ready-file", os.path.join(tmp, f"{i}.json")]
+                if args.secret_file:
+                    cmd += ["--secret-file", args.secret_file]
                 if args.checkpoint:
                     cmd += ["--checkpoint", args.checkpoint, "--checkpoint-every", str(args.checkpoint_every)]
                 if args.resume:
@@ -149,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        args.secret = load_secret(path=args.secret_file)
+        kind, where = parse_address(args.listen if args.shard is not None else f"{args.host}:0")
+        if kind == "tcp":
+            refuse_open_listen(where[0], args.secret, "the parameter server")  # type: ignore[index]
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.shard is not None or os.environ.get("CIRRUS_PS_DIE_WITH_PARENT") == "1":
         _die_with_parent()

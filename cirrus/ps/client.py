@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import zipcomm
+from zipcomm.protocol.handshake import load_secret
 
 
 class Retired(Exception):
@@ -22,7 +23,7 @@ class Retired(Exception):
 
 class PSClient:
     def __init__(self, addresses: list[str], *, worker: str | None = None, inc: int = 0,
-                 compress: bool = False, timeout: float = 30.0) -> None:
+                 compress: bool = False, timeout: float = 30.0, secret: bytes | None = None) -> None:
         if not addresses:
             raise ValueError("a parameter server needs at least one shard address")
         self.addresses = list(addresses)
@@ -30,6 +31,7 @@ class PSClient:
         self.worker, self.inc = worker, inc
         self.compress = compress
         self.timeout = timeout
+        self.secret = secret if secret is not None else load_secret()  # default: $ZIPCOMM_SECRET
         self.clients: list[zipcomm.RpcClient] = []
         self.step = 0
         self._versions: dict[str, list[int]] = {}
@@ -37,7 +39,7 @@ class PSClient:
     async def connect(self) -> PSClient:
         try:
             for a in self.addresses:
-                self.clients.append(await zipcomm.rpc_connect(a, timeout=self.timeout))
+                self.clients.append(await zipcomm.rpc_connect(a, timeout=self.timeout, secret=self.secret))
         except BaseException:
             await self.aclose()
             raise

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 import zipcomm
+from zipcomm.protocol.handshake import load_secret
+from zipcomm.transport.connection import parse_address, refuse_open_listen
 
 from ..optim import make_optimizer
 from ..storage import open_store
@@ -94,10 +96,17 @@ class Shard:
         self._ticker: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    async def start(self, listen: str = "127.0.0.1:0", *, resume: bool = False) -> str:
+    async def start(self, listen: str = "127.0.0.1:0", *, resume: bool = False,
+                    secret: bytes | None = None) -> str:
+        """Listen on ``listen``; ``secret`` (default: ``$ZIPCOMM_SECRET``) authenticates clients. A
+        non-loopback address without a secret is refused."""
+        secret = secret if secret is not None else load_secret()
+        kind, where = parse_address(listen)
+        if kind == "tcp":
+            refuse_open_listen(where[0], secret, "a parameter-server shard")  # type: ignore[index]
         if resume and self.checkpoint_uri:
             await self.load_checkpoint()
-        self.server = await zipcomm.serve_rpc(listen, self.handle)
+        self.server = await zipcomm.serve_rpc(listen, self.handle, secret=secret)
         if self.checkpoint_uri and self.checkpoint_every > 0:
             self._ticker = asyncio.create_task(self._checkpoint_loop(), name=f"ps-shard-{self.shard}-ckpt")
         return self.server.address

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import sys
 
 from .._entry import run, write_ready_file
 from ..protocol.handshake import load_secret
-from ..transport.connection import parse_address
+from ..transport.connection import is_loopback, parse_address
 from .server import Controller
 
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if kind == "tcp" and secret is None and not _is_loopback(where[0]):
+    if kind == "tcp" and secret is None and not is_loopback(where[0]):
         print(f"error: refusing to listen on non-loopback {args.listen} without a secret "
               "(set ZIPCOMM_SECRET or --secret-file)", file=sys.stderr)
         return 2
@@ -69,13 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     return run(serve, verbose=args.verbose)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

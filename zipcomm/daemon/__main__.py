@@ -9,7 +9,7 @@ import re
 import sys
 
 from .._entry import run, write_ready_file
-from ..controller.__main__ import _is_loopback
+from ..transport.connection import is_loopback
 from ..errors import ZipError
 from ..protocol.handshake import load_secret
 from .server import Daemon
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if secret is None and not _is_loopback(args.listen_host):
+    if secret is None and not is_loopback(args.listen_host):
         print(f"error: refusing to listen on non-loopback {args.listen_host} without a secret "
               "(set ZIPCOMM_SECRET or --secret-file)", file=sys.stderr)
         return 2

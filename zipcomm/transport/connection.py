@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ipaddress
 import logging
 import socket
 from typing import Awaitable, Callable
@@ -33,15 +35,21 @@ HANDSHAKE_TIMEOUT = 5.0
 RECV_QUEUE_FRAMES = 256  # pause reading beyond this many undelivered frames
 DEFAULT_MAX_OUTBOUND = 2 << 30  # bytes queued for a peer that does not read
 WRITE_HIGH_WATER = 16 << 20  # drain() waits while more than this is queued
+STALL_TIMEOUT = 30.0  # drain() cuts off a peer that takes no byte for this long
+CLOSE_FLUSH_TIMEOUT = 5.0  # a finished handler's last frames get this long to leave
 DEFAULT_MAX_CONNECTIONS = 16384  # a server closes connections beyond this many at once (counted)
+
+# Process-wide counts of the limits this module enforced (for operators and tests).
+counters: collections.Counter[str] = collections.Counter()
 
 
 class Connection:
     """A frame connection. Create with :func:`open_connection` or :func:`start_server`."""
 
-    def __init__(self, limits: Limits, max_outbound: int) -> None:
+    def __init__(self, limits: Limits, max_outbound: int, stall_timeout: float = None) -> None:  # type: ignore[assignment]
         self._limits = limits
         self._max_outbound = max_outbound
+        self._stall_timeout = STALL_TIMEOUT if stall_timeout is None else stall_timeout
         self._transport: asyncio.Transport | None = None
         self._frames: collections.deque[Frame] = collections.deque()
         self._frame_ready = asyncio.Event()
@@ -68,17 +76,33 @@ class Connection:
             raise self._closed_error()
         transport.writelines(pieces)
         if transport.get_write_buffer_size() > self._max_outbound:
+            counters["slow_consumers_cut_off"] += 1
+            log.warning("cutting off %s: it stopped reading (%d bytes queued, cap %d)", self.peer,
+                        transport.get_write_buffer_size(), self._max_outbound)
             self.abort(BrokenByPeer(f"peer {self.peer} stopped reading: outbound cap reached"))
             raise self._closed_error()
 
     async def drain(self) -> None:
-        """Wait until the socket's send buffer is below its high-water mark."""
+        """Wait until the socket's send buffer is below its high-water mark. A peer that takes
+        nothing for ``stall_timeout`` seconds meanwhile is cut off (it stopped reading)."""
+        last = -1
         while not self._drained.is_set():
             if self._error is not None:
                 raise self._closed_error()
+            transport = self._transport
+            queued = transport.get_write_buffer_size() if transport is not None else 0
+            if queued == last:  # nothing left the buffer during a whole stall_timeout
+                counters["slow_consumers_cut_off"] += 1
+                log.warning("cutting off %s: it took nothing for %.1f s (%d bytes queued)", self.peer,
+                            self._stall_timeout, queued)
+                self.abort(BrokenByPeer(f"peer {self.peer} stopped reading: nothing taken for "
+                                        f"{self._stall_timeout} s"))
+                raise self._closed_error()
+            last = queued
             waiter = asyncio.ensure_future(self._drained.wait())
             try:
-                await asyncio.wait([waiter, self.closed], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([waiter, self.closed], timeout=self._stall_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
         if self._error is not None:
@@ -233,6 +257,23 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             conn.closed.set_result(None)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP literal) is this machine's loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_open_listen(host: str, secret: bytes | None, what: str) -> None:
+    """Listening beyond loopback without a secret is refused (anyone could join or inject)."""
+    if secret is None and not is_loopback(host):
+        raise ValueError(f"refusing to listen on non-loopback {host} for {what} without a secret "
+                         "(set ZIPCOMM_SECRET or give a secret file)")
+
+
 def parse_address(address: str) -> tuple[str, object]:
     """``host:port`` -> ("tcp", (host, port)); ``unix:/path`` -> ("unix", path)."""
     if address.startswith("unix:"):
@@ -311,6 +352,7 @@ async def start_server(
     limits: Limits = DEFAULT_LIMITS,
     max_outbound: int = DEFAULT_MAX_OUTBOUND,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    stall_timeout: float = STALL_TIMEOUT,
 ) -> Server:
     """Listen on ``address``; each handshaken connection runs ``on_connection(conn)``
     in its own task, owned by the server and cancelled by :meth:`Server.aclose`. Beyond
@@ -321,8 +363,9 @@ async def start_server(
     def factory() -> asyncio.BaseProtocol:
         if len(server._handlers) >= max_connections:
             server.refused_connections += 1
+            counters["connections_refused"] += 1
             return _Refuse()
-        conn = Connection(limits, max_outbound)
+        conn = Connection(limits, max_outbound, stall_timeout)
         task = loop.create_task(_serve_one(conn, on_connection))
         server._handlers.add(task)
         task.add_done_callback(server._handlers.discard)
@@ -356,5 +399,8 @@ async def _serve_one(conn: Connection, on_connection: Callable[[Connection], Awa
         pass
     except Exception:
         log.exception("connection handler for %s failed", conn.peer)
+    else:  # the handler is done: what it sent is flushed (bounded) before the socket closes
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            await asyncio.wait_for(conn.aclose(), CLOSE_FLUSH_TIMEOUT)
     finally:
         conn.abort()
