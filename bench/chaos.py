@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     names = args.scenario or list(SCENARIOS)
     seeds = args.seed if args.seed is not None else list(range(args.first_seed, args.first_seed + args.seeds))
     failed = []
-    print(f"{'scenario':22s} {'seed':>4s} {'result':6s} {'conv[s]':>8s} {'ops':>5s} {'time[s]':>7s}")
+    print(f"{'scenario':24s} {'seed':>4s} {'result':6s} {'conv[s]':>8s} {'ops':>5s} {'time[s]':>7s}")
     for name in names:
         for seed in seeds:
             res = run_scenario(name, seed)
             conv = f"{res.convergence:.2f}" if res.convergence is not None else "-"
-            print(f"{name:22s} {seed:4d} {'pass' if res.ok else 'FAIL':6s} {conv:>8s} {res.ops:5d} "
+            print(f"{name:24s} {seed:4d} {'pass' if res.ok else 'FAIL':6s} {conv:>8s} {res.ops:5d} "
                   f"{res.duration:7.1f}", flush=True)
             if args.verbose or not res.ok:
                 if not res.ok:

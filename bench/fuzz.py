@@ -91,9 +91,13 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"servers' process: uncaught exceptions {report['uncaught']} "
           f"({proto} of them protocol errors logged with a traceback), "
           f"protocol-error warnings {report['protocol_warnings']}, "
-          f"max event-loop stall {report['max_stall'] * 1e3:.1f} ms ({report['stalls_over_100ms']} over 100 ms), "
+          f"max event-loop stall {report['max_stall'] * 1e3:.1f} ms (loop thread CPU in it "
+          f"{report['max_stall_cpu'] * 1e3:.1f} ms; {report['stalls_over_100ms']} over 100 ms), "
           f"RSS {report['rss_before'] / 2**20:.1f} -> {report['rss_after'] / 2**20:.1f} MiB "
           f"(growth {report['rss_growth'] / 2**20:.1f} MiB)")
+    for kind, e in s["endpoints"].items():
+        for sample in e["stuck_samples"]:
+            print(f"  stuck connection on {kind}: {sample}")
     for sig, n in sorted(report["signatures"].items(), key=lambda kv: -kv[1]):
         print(f"  {n:7d} x {sig}")
     shown = set()

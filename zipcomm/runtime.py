@@ -26,7 +26,8 @@ from .errors import (
 )
 from .protocol import messages as m
 from .protocol.handshake import load_secret
-from .transport.connection import Connection, Server, open_connection, refuse_open_listen, start_server
+from .transport.connection import (Connection, Server, open_connection, parse_address, refuse_open_listen,
+                                   start_server)
 
 if TYPE_CHECKING:
     from .channels.core import ChannelCore
@@ -483,6 +484,13 @@ class Runtime:
         hello = m.decode(await conn.recv())
         if not isinstance(hello, m.PeerHello):
             raise RemoteProtocolError(f"expected peer_hello, got {hello.OP!r}")
+        if hello.address:
+            try:
+                kind, _ = parse_address(hello.address)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"peer_hello with a bad address: {exc}") from None
+            if kind != "tcp":  # peers reach each other over TCP; never dial a path a peer names
+                raise RemoteProtocolError(f"peer_hello with a non-TCP address {hello.address!r}")
         sender = hello.member
         while True:
             frame = await conn.recv()

@@ -43,6 +43,7 @@ from ..storage import open_store
 log = logging.getLogger("cirrus.ps")
 
 KV_LIMIT_BYTES = 256 << 20
+TABLE_LIMIT_BYTES = 8 << 30  # one shard's share of one table
 
 
 class PSError(ValueError):
@@ -60,6 +61,9 @@ class _Table:
         n = local_rows(int(spec["rows"]), shard, n_shards)
         cols = int(spec["cols"])
         dtype = np.dtype(spec.get("dtype", "float32"))
+        if dtype.kind != "f" or n < 0 or cols < 1 or n * cols * dtype.itemsize > TABLE_LIMIT_BYTES:
+            raise PSError(f"a table of {spec['rows']} x {cols} {dtype} is refused (float dtype, at most "
+                          f"{TABLE_LIMIT_BYTES >> 30} GiB per shard)")
         init = spec.get("init", "zeros")
         if init == "zeros":
             self.values = np.zeros((n, cols), dtype=dtype)

@@ -469,9 +469,12 @@ class Daemon:
                 if len(s.held) >= MAX_RANGES_PER_SESSION:
                     s.send(d.DReply(req=msg.req, ok=False, error="too many ranges held"))
                     return
+                if not isinstance(msg.nbytes, int) or msg.nbytes < 0:
+                    s.send(d.DReply(req=msg.req, ok=False, error=f"cannot allocate {msg.nbytes!r} bytes"))
+                    return
                 try:
                     off = self.ranges.alloc(msg.nbytes)
-                except ArenaError as exc:
+                except (ArenaError, ValueError) as exc:
                     s.send(d.DReply(req=msg.req, ok=False, error=str(exc)))
                     return
                 s.held[off] = 1
@@ -526,7 +529,7 @@ class Daemon:
                 result = {"last_key": list(ch.last_key)}
             s.channels.add(msg.channel)
             s.send(d.DReply(req=msg.req, result=result))
-        except (ZipError, asyncio.TimeoutError) as exc:
+        except (ZipError, asyncio.TimeoutError, ValueError, TypeError) as exc:  # bad names, kinds, ...
             s.send(d.DReply(req=msg.req, ok=False, error=f"{type(exc).__name__}: {exc}"))
 
     async def _channel(self, name: str, kind: str, fn: str):

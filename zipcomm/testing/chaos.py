@@ -147,7 +147,7 @@ class Scenario:
     fault: str  # kill, term, stop, sysexit, leave, controller, daemon, correlated, join_storm, flap
     target: str = "interior"  # leaf, interior, root, any
     workload: tuple[str, ...] = ("b",)  # b: broadcast stream, r: allreduce rounds, s: shuffle
-    n: int = 6
+    n: int = 5
     daemons: int = 0
     doc: str = ""
 
@@ -159,19 +159,21 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("bcast_term_interior", "term", "interior", ("b",), doc="SIGTERM an interior member mid-broadcast"),
     Scenario("bcast_stop_cont", "stop", "interior", ("b",),
              doc="SIGSTOP an interior member (0.3-1.6 s, i.e. below or above the heartbeat timeout), SIGCONT"),
-    Scenario("bcast_sysexit", "sysexit", "interior", ("b",), doc="an interior member calls sys.exit mid-broadcast"),
-    Scenario("bcast_leave_root", "leave", "root", ("b",), doc="the root leaves gracefully mid-broadcast"),
+    Scenario("bcast_sysexit", "sysexit", "interior", ("b",), n=6, doc="an interior member calls sys.exit mid-broadcast"),
+    Scenario("bcast_leave_root", "leave", "root", ("b",), n=6, doc="the root leaves gracefully mid-broadcast"),
     Scenario("bcast_leave_interior", "leave", "interior", ("b",),
              doc="an interior member leaves gracefully mid-broadcast"),
     Scenario("reduce_kill_leaf", "kill", "leaf", ("r",), doc="SIGKILL a leaf mid-allreduce"),
     Scenario("reduce_kill_interior", "kill", "interior", ("r",), doc="SIGKILL an interior member mid-allreduce"),
-    Scenario("reduce_kill_root", "kill", "root", ("r",), doc="SIGKILL the root mid-allreduce"),
+    Scenario("reduce_kill_root", "kill", "root", ("r",), n=6, doc="SIGKILL the root mid-allreduce"),
     Scenario("reduce_stop_cont", "stop", "interior", ("r",), doc="SIGSTOP then SIGCONT an interior member mid-allreduce"),
-    Scenario("reduce_sysexit", "sysexit", "leaf", ("r",), doc="a leaf calls sys.exit mid-allreduce"),
-    Scenario("reduce_leave", "leave", "interior", ("r",), doc="an interior member leaves gracefully mid-allreduce"),
+    Scenario("reduce_sysexit", "sysexit", "leaf", ("r",), n=6, doc="a leaf calls sys.exit mid-allreduce"),
+    Scenario("reduce_leave", "leave", "interior", ("r",), n=6, doc="an interior member leaves gracefully mid-allreduce"),
     Scenario("mixed_kill_interior", "kill", "interior", ("b", "r"),
              doc="SIGKILL an interior member during a broadcast stream and allreduce rounds at once"),
     Scenario("shuffle_kill", "kill", "any", ("s",), doc="SIGKILL a member, then shuffles among the survivors"),
+    Scenario("controller_restart_bcast", "controller", "-", ("b",),
+             doc="controller kill -9 and restart on its address mid-broadcast"),
     Scenario("controller_restart", "controller", "-", ("b", "r"),
              doc="controller kill -9 and restart on its address mid-broadcast and mid-allreduce"),
     Scenario("daemon_kill", "daemon", "-", ("b",), n=4, daemons=2,
@@ -208,7 +210,8 @@ class Result:
 
     def report(self) -> str:
         head = f"scenario {self.scenario} seed {self.seed}: {'pass' if self.ok else 'FAIL'}"
-        lines = [head, *(f"  - {f}" for f in self.failures), f"  replay: {self.replay()}"]
+        lines = [head, *(f"  - {f}" for f in self.failures), *(f"  note: {n}" for n in self.notes),
+                 f"  replay: {self.replay()}"]
         return "\n".join(lines)
 
 
@@ -380,7 +383,7 @@ async def _scenario(ctx: _Ctx) -> None:
     if "b" in sc.workload:
         for i in active:
             if i != sender:
-                idle = 1.5 if i in victims else 5.0
+                idle = 1.5 if i in victims else 8.0
                 collects[i] = members[i].start_call("collect", name="b", last=total, idle=idle)
         await members[sender].call("send", name="b", values=list(range(1, first + 1)), size=size)
         sending = members[sender].start_call("send", name="b", values=list(range(first + 1, mid_end + 1)),
@@ -426,9 +429,12 @@ async def _scenario(ctx: _Ctx) -> None:
         v = victims[0]
         ctx.disturbed.add(v)
         for w in sc.workload:
+            t_leave = ctx.loop.time()
             reply = await asyncio.wait_for(members[v].start_call("leave", name=channels[w][1]), 15)
             if not reply["ok"]:
                 res.fail(f"graceful leave failed: {reply['error']}: {reply['message']}")
+            took = ctx.loop.time() - t_leave
+            res.notes.append(f"leave of {channels[w][1]!r} took {took:.2f} s")
         ctx.fault_now()
     elif sc.fault == "controller":
         await c.controller.kill()
@@ -452,7 +458,7 @@ async def _scenario(ctx: _Ctx) -> None:
             if not reply["ok"]:
                 res.fail(f"joiner {j} failed to join: {reply['error']}: {reply['message']}")
             else:
-                collects[j] = members[j].start_call("collect", name="b", last=total, idle=5.0)
+                collects[j] = members[j].start_call("collect", name="b", last=total, idle=8.0)
         ctx.fault_now()
     elif sc.fault == "flap":
         v = victims[0]
@@ -478,6 +484,7 @@ async def _scenario(ctx: _Ctx) -> None:
     # -- wait for the workload and check it -------------------------------------
     if "b" in sc.workload:
         send_reply = await asyncio.wait_for(sending, 30)
+        res.notes.append(f"the sender's stream completed {ctx.loop.time() - ctx.last_fault:.2f} s after the last fault")
         if not send_reply["ok"]:
             res.fail(f"the sender (member {sender}) failed: {send_reply['error']}: {send_reply['message']}")
         else:
@@ -500,7 +507,7 @@ async def _scenario(ctx: _Ctx) -> None:
                 more = await members[i].start_call("collect", name="b", last=total, idle=3.0)
                 if more["ok"] and more["result"]["got"]:
                     late = more["result"]["got"]
-                    res.fail(f"member {i}: broadcast stalled for more than 5 s: items {late[0]}..{late[-1]} "
+                    res.fail(f"member {i}: broadcast stalled for more than 8 s: items {late[0]}..{late[-1]} "
                              "arrived only later")
                     got = got + late
             res.ops += len(got)

@@ -43,7 +43,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -468,6 +468,7 @@ class Monitor:
         self.uncaught = 0
         self.warnings = 0
         self.max_stall = 0.0
+        self.max_stall_cpu = 0.0
         self.stalls_over_100ms = 0
         self.rss_before = self.rss_after = 0
         self._task: asyncio.Task | None = None
@@ -508,11 +509,14 @@ class Monitor:
 
     async def _watch(self) -> None:
         while True:
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.thread_time()
             await asyncio.sleep(self.tick)
             late = time.perf_counter() - began - self.tick
             if late > self.max_stall:
                 self.max_stall = late
+                # the loop thread's own CPU time over that tick: far below the stall means the
+                # process was waiting for a core (a loaded machine), not busy in a handler
+                self.max_stall_cpu = time.thread_time() - cpu
             if late > 0.100:
                 self.stalls_over_100ms += 1
 
@@ -535,7 +539,7 @@ class Monitor:
 
     def report(self) -> dict:
         return {"uncaught": self.uncaught, "signatures": dict(self.signatures), "failures": self.failures,
-                "protocol_warnings": self.warnings, "max_stall": self.max_stall,
+                "protocol_warnings": self.warnings, "max_stall": self.max_stall, "max_stall_cpu": self.max_stall_cpu,
                 "stalls_over_100ms": self.stalls_over_100ms, "rss_before": self.rss_before,
                 "rss_after": self.rss_after, "rss_growth": self.rss_after - self.rss_before}
 
@@ -717,9 +721,9 @@ async def _one_connection(fz: FrameFuzzer, kind: str, address: str, st: Endpoint
         n = max(1, min(left, int(2 ** rng.uniform(0, 4 if small else 16))))
         sizes.append(n)
         left -= n
-    if len(sizes) > 4000:  # keep 1-byte deliveries to the first bytes of a long burst
-        rest = sum(sizes[4000:])
-        sizes = sizes[:4000] + [rest]
+    if len(sizes) > 512:  # a drip of tiny chunks covers the first bytes of a long burst only
+        rest = sum(sizes[512:])
+        sizes = sizes[:512] + [rest]
     ending = rng.choice(("close", "abort", "wait"))
     hs = Handshake(is_client=True, secret=None)
     st.connections += 1
@@ -730,6 +734,7 @@ async def _one_connection(fz: FrameFuzzer, kind: str, address: str, st: Endpoint
         return
     server_closed = False
     drainer: asyncio.Task | None = None
+    phase = "handshake"
 
     async def discard_replies() -> bool:
         # replies are read and dropped so that a server answering us never blocks on a full socket
@@ -746,6 +751,7 @@ async def _one_connection(fz: FrameFuzzer, kind: str, address: str, st: Endpoint
             hs.receive(got)
             assert hs.done
             drainer = asyncio.create_task(discard_replies())
+            phase = "write"
             sent, pos = 0, 0
             for n in sizes:
                 if writer.transport.is_closing():  # the server already closed it
@@ -754,12 +760,15 @@ async def _one_connection(fz: FrameFuzzer, kind: str, address: str, st: Endpoint
                 pos += n
                 sent += n
                 if writer.transport.get_write_buffer_size() > (256 << 10):
+                    phase = f"drain at byte {pos}"
                     await writer.drain()
+                    phase = "write"
                 elif n < 64:
                     await asyncio.sleep(0)  # let tiny chunks go out as separate segments
             st.frames += burst.frames
             st.bytes += sent
             st.kinds.update(burst.kinds)
+            phase = f"end ({ending})"
             if ending == "wait":
                 # the server either closes this connection (a protocol error) or keeps it:
                 # read (discarding replies) until EOF or a short deadline
@@ -775,7 +784,7 @@ async def _one_connection(fz: FrameFuzzer, kind: str, address: str, st: Endpoint
         st.stuck += 1
         st.kinds[f"stuck:{type(exc).__name__}"] += 1
         if len(st.stuck_samples) < 5:
-            st.stuck_samples.append((fz.seed, number, ending, burst.data))
+            st.stuck_samples.append((fz.seed, number, f"{ending}, {type(exc).__name__} in {phase}", burst.data))
     finally:
         if drainer is not None:
             if drainer.done():

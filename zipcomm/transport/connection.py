@@ -397,6 +397,9 @@ async def _serve_one(conn: Connection, on_connection: Callable[[Connection], Awa
         await on_connection(conn)
     except ConnectionClosed:
         pass
+    except ProtocolError as exc:  # the peer broke the protocol: one line, no traceback
+        counters["protocol_errors"] += 1
+        log.warning("closing connection from %s: %s", conn.peer, exc)
     except Exception:
         log.exception("connection handler for %s failed", conn.peer)
     else:  # the handler is done: what it sent is flushed (bounded) before the socket closes
