@@ -231,6 +231,9 @@ class LDA:
     name = "lda"
     metric = "perplexity"
     holdout = "partitions"
+    # a minibatch's token assignments live in the PS key-value store: one worker (incarnation after
+    # incarnation) owns each partition, so no two workers resample the same tokens at once
+    owns_partitions = True
 
     def __init__(self, vocab_size: int, n_topics: int, alpha: float, beta: float, seed: int = 0,
                  fold_in_iters: int = 20) -> None:

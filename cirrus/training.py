@@ -247,6 +247,7 @@ class Task:
                     "ps": self._ps.addresses if sync is None else [], "driver": server.address, "seed": p["seed"],
                     "minibatch_size": p["minibatch_size"], "compress": p["compress"], "partitions": train_parts,
                     "max_updates": p["max_updates"], "prefetch_bytes": (32 << 20) if p["prefetch"] else 0,
+                    "own_partitions": getattr(model, "owns_partitions", False), "n_workers": p["n_workers"],
                     "prefetch_concurrency": 4 if p["prefetch"] else 1}
             retire = self._ps.retire if sync is None else None
             if p["launcher"] == "lambda":

@@ -75,10 +75,17 @@ async def _loop(spec: dict[str, Any], model: Any, ps: Any, stack: contextlib.Asy
     sync = spec.get("sync")
     last_model = time.monotonic()
     ds = await stack.enter_async_context(await open_dataset(spec["dataset"], check=False))
+    parts = spec.get("partitions")
+    if spec.get("own_partitions"):  # the model keeps per-partition state: each worker has its share
+        parts = (parts if parts is not None else list(range(ds.n_partitions)))[
+            int(worker.lstrip("w") or 0)::int(spec["n_workers"])]
+        if not parts:  # more workers than partitions: nothing to do until told to stop
+            await stop.wait()
+            return
     it = await stack.enter_async_context(MinibatchIterator(ds, spec["minibatch_size"], order="random", seed=int(spec["seed"]) * 1_000_003 + inc,
                                   epochs=None, prefetch_bytes=spec.get("prefetch_bytes", 32 << 20),
                                   max_concurrency=spec.get("prefetch_concurrency", 4),
-                                  partitions=spec.get("partitions")))
+                                  partitions=parts))
     pending = None  # pipelined models: (minibatch, rows, context, pulled rows) of the next step
     pipelined = not sync and hasattr(model, "rows_of")
     async for mb in it:
