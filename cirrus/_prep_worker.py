@@ -25,6 +25,7 @@ import numpy as np
 
 import zipcomm
 
+from ._child import stdin_closed
 from .dataset import open_dataset, write_partition
 from .errors import CirrusError
 from .storage import open_store
@@ -43,11 +44,7 @@ class JobFailed(CirrusError):
 
 
 async def _watch_stdin() -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 16)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.read(1 << 12):
-        pass
+    await stdin_closed()
     os._exit(3)  # the coordinator closed our stdin or died: nobody wants our result
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import zipcomm
 
+from ._child import stdin_closed
 from .dataset import open_dataset
 from .iterator import MinibatchIterator
 from .models import make_model
@@ -27,11 +28,7 @@ from .syncps import AllreducePS
 
 
 async def _watch_stdin(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 16)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.read(1 << 12):
-        pass
+    await stdin_closed()
     stop.set()
 
 

@@ -20,6 +20,7 @@ from cirrus import GridSearch, LogisticRegression
 from cirrus.dashboard import MAX_POINTS, Dashboard, downsample
 from cirrus.dataset import write_arrays_sync
 from cirrus.generators import criteo_like
+from zipcomm.testing.wait import until as _until
 
 MODEL = 2 ** 11
 SCREENSHOT_COPY = "/tmp/cirrus-dashboard.png"
@@ -70,21 +71,6 @@ def _descendants(root: int) -> set[int]:
                 out.add(c)
                 todo.append(c)
     return out
-
-
-async def _until(pred, what: str, limit: float = 60.0, step: float = 0.02):
-    """Poll ``pred`` (sync or async) under a deadline; return its first truthy value."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit
-    while True:
-        v = pred()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return v
-        if loop.time() > give_up:
-            raise AssertionError(f"timed out after {limit} s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 # -- the HTTP API (no browser) ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from cirrus.lambda_local import Function, LambdaServer
 from cirrus.models import make_model
 from cirrus.ps.client import PSClient
 from cirrus.ps.shard import Shard
+from zipcomm.testing.wait import process_gone as _dead, until as _until
 
 BITS = 10
 MODEL = 2 ** 11
@@ -37,24 +38,6 @@ def aws_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_LAMBDA"):
         monkeypatch.delenv(var, raising=False)
-
-
-async def _until(pred, what: str, limit: float = 30.0) -> None:
-    """Poll ``pred`` under a deadline."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit
-    while not pred():
-        if loop.time() > give_up:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 FUNCTIONS = {

@@ -12,6 +12,7 @@ import pytest
 from cirrus.dataset import write_arrays_sync
 from cirrus.generators import criteo_like
 from cirrus.training import LogisticRegression, validate_params
+from zipcomm.testing.wait import process_gone as _dead, until as _until
 
 BITS = 10
 MODEL = 2 ** 11
@@ -101,24 +102,6 @@ def test_parameters_are_validated_with_suggestions() -> None:
         validate_params({"dataset": "x", "n_workers": True})
     p = validate_params({"dataset": "x", "opt_method": "adam"})
     assert p["opt_method"] == "adam" and p["minibatch_size"] == 20
-
-
-async def _until(pred, what: str, limit: float = 30.0) -> None:
-    """Poll ``pred`` under a deadline."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit
-    while not pred():
-        if loop.time() > give_up:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_killed_workers_are_replaced_and_lifetimes_make_generations(dataset) -> None:

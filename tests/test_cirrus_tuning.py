@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os  # noqa: F401
 
 import pytest
 
 from cirrus import GridSearch, LogisticRegression
 from cirrus.dataset import write_arrays_sync
 from cirrus.generators import criteo_like
+from zipcomm.testing.wait import process_gone as _dead, until as _until
 
 MODEL = 2 ** 11
 
@@ -21,23 +21,6 @@ def uri(tmp_path_factory):
     write_arrays_sync(u, data.labels, csr=(data.indptr, data.indices, data.values, data.n_features),
                       partition_bytes=100_000)
     return u
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
-async def _until(pred, what: str, limit: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit
-    while not pred():  # poll a predicate under a deadline
-        if loop.time() > give_up:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_grid_of_8_within_a_budget_and_top_n(uri) -> None:

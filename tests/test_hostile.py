@@ -21,6 +21,7 @@ from zipcomm.errors import ConnectionClosed, FrameTooLarge
 from zipcomm.protocol.frames import FrameDecoder
 from zipcomm.protocol.limits import MAGIC, PREFIX, VERSION
 from zipcomm.transport.connection import open_connection, parse_address
+from zipcomm.testing.wait import until as _until
 
 HUGE = [(2**31, 0), (2**32 - 1, 0), (10, 2**64 - 1), (10, 2**31 * 3)]
 
@@ -141,7 +142,7 @@ async def test_silent_and_slow_drip_sockets_are_closed_by_their_deadline_while_j
                                                           "1000", "100", stdout=asyncio.subprocess.PIPE)
             try:
                 assert (await asyncio.wait_for(abuser.stdout.readline(), 30)).strip() == b"ready"
-                await _until(lambda: ctl._server.connections >= 1100, 10.0)  # all held, none handshaken
+                await _until(lambda: ctl._server.connections >= 1100, limit=10.0)  # all held, none handshaken
                 loaded = await joins("loaded")  # while 1,100 sockets hang on the controller
                 closed = json.loads(await asyncio.wait_for(abuser.stdout.readline(), 40))
                 assert await abuser.wait() == 0
@@ -179,21 +180,13 @@ async def test_connections_beyond_the_cap_are_closed_on_arrival_and_counted() ->
             w.close()
         assert server.refused_connections == 3 and server.connections == 5
         await kept.pop().aclose()
-        await _until(lambda: server.connections == 4)
+        await _until(lambda: server.connections == 4, limit=5.0)
         again = await open_connection(server.address)  # a freed slot is usable again
         await again.aclose()
         for c in kept:
             await c.aclose()
     finally:
         await server.aclose()
-
-
-async def _until(pred, limit: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit
-    while not pred():  # poll a predicate under a deadline
-        assert loop.time() < give_up, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_listening_beyond_loopback_without_a_secret_is_refused_at_start_up(tmp_path) -> None:
@@ -257,7 +250,7 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_counted_others_unaff
             frame = await asyncio.wait_for(reader.recv(), 30)
             got += 1
             assert frame.header["i"] == got - 1
-        await _until(lambda: "stalled" in outcome, 30)
+        await _until(lambda: "stalled" in outcome, limit=30)
         assert isinstance(outcome["stalled"], BrokenByPeer) and outcome["reader"] == "sent all"
         assert tc.counters["slow_consumers_cut_off"] == before + 1
         await stalled.aclose()
@@ -279,7 +272,7 @@ async def test_a_consumer_that_stops_reading_is_cut_off_and_counted_others_unaff
     try:
         stalled = await open_connection(server.address)
         stalled.send({"op": "hello"})
-        await _until(lambda: "blast" in outcome, 30)
+        await _until(lambda: "blast" in outcome, limit=30)
         assert isinstance(outcome["blast"], BrokenByPeer) and "outbound cap" in str(outcome["blast"])
         assert tc.counters["slow_consumers_cut_off"] == before + 2
         await stalled.aclose()
