@@ -1,3 +1,3 @@
 from setuptools import setup
 
-setup(cffi_modules=["zipcomm/_ring_build.py:ffibuilder"])
+setup(cffi_modules=["zipcomm/_ring_build.py:ffibuilder", "zipcomm/_ring_build.py:scatter_builder"])

@@ -1,4 +1,5 @@
-"""cffi builder (out-of-line API mode) for the C ring buffer: ``zipcomm._ring_c``.
+"""cffi builders (out-of-line API mode): the C ring buffer ``zipcomm._ring_c`` and the shuffle's
+stable counting partition ``zipcomm._scatter_c``.
 
 Built by ``pip install -e .`` (or ``python setup.py build_ext --inplace``) through
 ``setup.py``'s ``cffi_modules``; setuptools runs this file from the project root.
@@ -87,5 +88,27 @@ ffibuilder.set_source(
     sources=[_rel(_ROOT / "csrc" / "ring.c")],
     include_dirs=[_rel(_ROOT / "csrc")],
     depends=[_rel(_ROOT / "csrc" / "ring.h")],
+    extra_compile_args=["-std=c11", "-O2"],
+)
+
+
+SCATTER_CDEF = """
+#define SCATTER_OK ...
+#define SCATTER_BAD_WIDTH ...
+#define SCATTER_OUT_OF_RANGE ...
+#define SCATTER_NO_MEMORY ...
+int scatter_rows(const unsigned char *src, size_t n_rows, size_t row_size,
+                 const void *bucket, int bucket_width, int bucket_signed, uint64_t n_buckets,
+                 unsigned char *dst, int64_t *counts, int64_t *bad_row);
+"""
+
+scatter_builder = FFI()
+scatter_builder.cdef(SCATTER_CDEF)
+scatter_builder.set_source(
+    "zipcomm._scatter_c",
+    '#include "scatter.h"',
+    sources=[_rel(_ROOT / "csrc" / "scatter.c")],
+    include_dirs=[_rel(_ROOT / "csrc")],
+    depends=[_rel(_ROOT / "csrc" / "scatter.h")],
     extra_compile_args=["-std=c11", "-O2"],
 )

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ChannelClosed, CollectiveTimeout
+from ..partition import partition
 from ..protocol import messages as m
 from .core import ChannelCore
 
@@ -25,29 +26,6 @@ log = logging.getLogger("zipcomm.shuffle")
 SENDER, RECEIVER, BOTH = "sender", "receiver", "both"
 ROLES = (SENDER, RECEIVER, BOTH)
 MAX_ROUNDS_AHEAD = 64  # parts buffered for rounds this member has not reached yet
-
-
-def partition(data: Any, hash_function: Callable, n: int) -> list:
-    """Split ``data`` into ``n`` parts: vectorized for numpy arrays, per item for lists."""
-    if isinstance(data, np.ndarray):
-        if n == 1:
-            return [np.array(data, copy=True)]  # it may travel after the call returns: not the caller's buffer
-        idx = np.asarray(hash_function(data, n))
-        if idx.shape != (len(data),) or idx.dtype.kind not in "iu":
-            raise TypeError("hash_function(array, n) must return an integer array with one index per row")
-        if len(idx) and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"hash_function returned an index outside [0, {n})")
-        counts = np.bincount(idx, minlength=n)
-        order = np.argsort(idx, kind="stable")
-        ordered = data[order]
-        return np.split(ordered, np.cumsum(counts)[:-1])
-    parts: list[list] = [[] for _ in range(n)]
-    for item in data:
-        k = int(hash_function(item, n))
-        if not 0 <= k < n:
-            raise ValueError(f"hash_function returned {k}, outside [0, {n})")
-        parts[k].append(item)
-    return parts
 
 
 def _concat(parts: list) -> Any:
