@@ -46,13 +46,18 @@ def _out_of_range(n: int, value: Any) -> ValueError:
     return ValueError(f"hash_function returned {value}, an index outside [0, {n})")
 
 
-def partition_array(data: np.ndarray, idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def partition_array(data: np.ndarray, idx: np.ndarray, n: int,
+                    out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(gathered, counts)``: the rows of ``data`` grouped by bucket ``idx`` (stable), and the
-    number of rows per bucket.  ``gathered`` is a new C-contiguous array."""
+    number of rows per bucket.  ``gathered`` is ``out`` if given (a writable C-contiguous array
+    of ``data``'s shape and dtype, e.g. shared memory), else a new array."""
+    if out is not None and (out.shape != data.shape or out.dtype != data.dtype
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"out must be a writable C-contiguous {data.dtype} array of shape {data.shape}")
     if IMPLEMENTATION == "c" and data.size and data.dtype.kind != "O":
         src = np.ascontiguousarray(data)
         bucket = np.ascontiguousarray(idx)
-        dst = np.empty_like(src)
+        dst = np.empty_like(src) if out is None else out
         counts = np.empty(n, dtype=np.int64)
         bad = np.zeros(1, dtype=np.int64)
         ffi, lib = _scatter_c.ffi, _scatter_c.lib
@@ -72,17 +77,25 @@ def partition_array(data: np.ndarray, idx: np.ndarray, n: int) -> tuple[np.ndarr
     narrow = np.uint8 if n <= 256 else np.uint16 if n <= 65536 else np.intp
     idx = idx.astype(narrow, copy=False)
     counts = np.bincount(idx, minlength=n).astype(np.int64, copy=False)
-    return data[np.argsort(idx, kind="stable")], counts
+    order = np.argsort(idx, kind="stable")
+    if out is None:
+        return data[order], counts
+    np.take(data, order, axis=0, out=out)
+    return out, counts
 
 
-def partition(data: Any, hash_function: Callable, n: int) -> list:
-    """Split ``data`` into ``n`` parts: vectorized for numpy arrays, per item for lists."""
+def partition(data: Any, hash_function: Callable, n: int, out: np.ndarray | None = None) -> list:
+    """Split ``data`` into ``n`` parts: vectorized for numpy arrays (into ``out`` if given,
+    see :func:`partition_array`), per item for lists."""
     if isinstance(data, np.ndarray):
         if data.ndim == 0:
             raise TypeError("a shuffle needs an array with at least one dimension (rows), got a 0-d array")
         if n == 1:
-            return [np.array(data, copy=True)]  # it may travel after the call returns: not the caller's buffer
-        gathered, counts = partition_array(data, _buckets(data, hash_function, n), n)
+            if out is None:  # it may travel after the call returns: not the caller's buffer
+                return [np.array(data, copy=True)]
+            partition_array(data, np.zeros(len(data), np.uint8), 1, out)
+            return [out]
+        gathered, counts = partition_array(data, _buckets(data, hash_function, n), n, out)
         return np.split(gathered, np.cumsum(counts)[:-1])
     parts: list[list] = [[] for _ in range(n)]
     for item in data:

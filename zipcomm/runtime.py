@@ -58,6 +58,9 @@ class _PeerLink:
             conn.send(*m.PeerHello(member=runtime.member_id, address=runtime.address).to_frame())
             for header, buffers in self.pending:
                 conn.send(header, buffers)
+            # this coroutine lives as long as the link: it must not keep the last frame's
+            # buffers (e.g. views of a shared-memory range) alive
+            header = buffers = None
             self.pending.clear()
             self.conn = conn
             self.settled.set()

@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ChannelClosed, CollectiveTimeout
+from ..errors import ChannelClosed, CollectiveTimeout, ConnectionClosed, MembershipError
 from ..partition import partition
+from ..protocol.limits import SHM_MIN
 from ..protocol import messages as m
 from .core import ChannelCore
 
@@ -62,7 +63,7 @@ class ShuffleChannel(ChannelCore):
         if self.role == RECEIVER:
             raise ValueError("a RECEIVER cannot shuffle_send")
         r, members = await self._start_round(timeout)
-        self._send_parts(r, members, data, hash_function)
+        await self._send_parts_via_host(r, members, data, hash_function)
         return r
 
     async def shuffle_receive(self, *, timeout: float | None = 30.0) -> Any:
@@ -77,7 +78,7 @@ class ShuffleChannel(ChannelCore):
         if self.role != BOTH:
             raise ValueError("shuffle_send_receive needs role BOTH")
         r, members = await self._start_round(timeout)
-        self._send_parts(r, members, data, hash_function)
+        await self._send_parts_via_host(r, members, data, hash_function)
         return await self._collect(r, members, timeout)
 
     # -- rounds --------------------------------------------------------------
@@ -136,6 +137,37 @@ class ShuffleChannel(ChannelCore):
             self.publish("s", {"round": r, "members": info["members"]}, None)
             if self._root_wanted > r:  # asked for while we were fetching
                 self._root_wants_list(self._root_wanted)
+
+    async def _send_parts_via_host(self, r: int, members: list, data: Any, hash_function: Callable) -> None:
+        """Send this member's parts; with a host daemon, partition straight into its shared
+        memory and hand the parts for members of this host over as references (no byte
+        crosses a socket); the rest, and everything without a daemon, goes over direct links."""
+        daemon = self.rt.daemon
+        receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+        if (daemon is None or daemon.lost or daemon.attachment is None or len(receivers) < 2
+                or not isinstance(data, np.ndarray) or data.ndim == 0 or data.nbytes < SHM_MIN
+                or data.dtype.hasobject
+                or not any(mm[0] != self.me and mm[2] == self.rt.host_id for mm in receivers)):
+            self._send_parts(r, members, data, hash_function)
+            return
+        buf = await daemon.empty(data.shape, data.dtype)  # in the arena if there is room
+        parts = partition(data, hash_function, len(receivers), out=buf)
+        local = [(mm[0], part) for mm, part in zip(receivers, parts)
+                 if mm[0] != self.me and mm[2] == self.rt.host_id and part.size]
+        try:
+            shared = await daemon.share(self.name, r, buf, local)
+        except (ConnectionClosed, MembershipError):  # the daemon went away: direct links carry all
+            shared = set()
+        for (member, address, _host, _role), part in zip(receivers, parts):
+            if member == self.me:
+                self._store_part(r, self.me, part)
+            elif member not in shared:
+                self.rt.send_to(member, address, m.Part(channel=self.name, round=r, sender=self.me, data=part))
+
+    def on_shared_part(self, r: int, sender: int, data: Any) -> None:
+        """A part another member of this host handed over through the daemon."""
+        self._store_part(r, sender, data)
+        self._pulse()
 
     def _send_parts(self, r: int, members: list, data: Any, hash_function: Callable) -> None:
         log.debug("%x sends round %d", self.me, r)

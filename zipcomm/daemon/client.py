@@ -136,6 +136,22 @@ class DaemonClient:
         np.copyto(self.attachment.writable(off, value.dtype, value.shape), value)
         return [off, int(value.nbytes), value.dtype.str, list(value.shape)], None
 
+    async def share(self, channel: str, r: int, buf: np.ndarray,
+                    parts: list[tuple[int, np.ndarray]]) -> set[int]:
+        """Hand ``parts`` (pieces of ``buf``, an array from :meth:`empty`) to the members of
+        this host named with them, without a copy; return the members the daemon reached
+        (the others need the bytes over a direct link).  Nothing is shared if ``buf`` is not
+        in the arena."""
+        own = self._own.get(buf.__array_interface__["data"][0]) if buf.flags.c_contiguous else None
+        if own is None or not parts:
+            return set()
+        base = buf.__array_interface__["data"][0]
+        desc = [[member, part.__array_interface__["data"][0] - base, list(part.shape)]
+                for member, part in parts]
+        result = await self.request(d.DShare, channel=channel, round=r, offset=own[0],
+                                    dtype=buf.dtype.str, parts=desc)
+        return set(result["delivered"])
+
     def take(self, shm: list | None, data: Any) -> Any:
         """A delivered value: a read-only view of the arena, given back when dropped."""
         if shm is None:
@@ -161,6 +177,19 @@ class DaemonClient:
             except ConnectionClosed:
                 pass
 
+    def _on_part(self, msg: d.DPart) -> None:
+        """A shuffle part another member of this host left in the arena for us."""
+        shm = msg.shm
+        if self.attachment is None or not (isinstance(shm, list) and len(shm) == 4):
+            raise RemoteProtocolError("a shuffle part without a usable range")
+        off, _nbytes, dtype, shape = shm
+        view = self.attachment.view(off, np.dtype(dtype), tuple(shape),
+                                    on_release=lambda: self._free(msg.range))
+        core = self.rt.channels.get(msg.channel)
+        if core is not None and hasattr(core, "on_shared_part"):
+            core.on_shared_part(msg.round, msg.sender, view)
+        # else: the channel is gone here; dropping the view gives the range back
+
     # -- the session ---------------------------------------------------------
 
     async def _read(self) -> None:
@@ -172,6 +201,8 @@ class DaemonClient:
                         fut = self._replies.get(msg.req)
                         if fut is not None and not fut.done():
                             fut.set_result(msg)
+                    case d.DPart():
+                        self._on_part(msg)
                     case d.DAck() | d.DItem() | d.DResult():
                         handle = self.handles.get(msg.channel)
                         if handle is not None:

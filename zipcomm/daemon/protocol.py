@@ -123,3 +123,33 @@ class DResult(Message):
     error: str = _str("")
     shm: list | None = None
     data: Any = None
+
+
+@op("d_share")
+@dataclass(slots=True)
+class DShare(Message):
+    """A member's shuffle parts for members of this host: pieces of one range it holds.
+
+    ``parts`` = ``[[member, byte offset in the range, shape], ...]`` (``dtype`` for all);
+    the daemon gives each named member that has a session here a reference of its own on
+    the range and a :class:`DPart`, and replies ``{"delivered": [member, ...]}``."""
+
+    req: int = _int()
+    channel: str = _str()
+    round: int = _int()
+    offset: int = _int()
+    dtype: str = _str()
+    parts: list = _list()
+
+
+@op("d_part")
+@dataclass(slots=True)
+class DPart(Message):
+    """One shuffle part from another member of this host: ``shm`` = ``[offset, nbytes,
+    dtype, shape]`` inside range ``range``, on which this member now holds a reference."""
+
+    channel: str = _str()
+    round: int = _int()
+    sender: int = _int()
+    range: int = _int()
+    shm: list = _list()

@@ -38,6 +38,7 @@ from ..errors import (ArenaError, ArenaFull, ArenaUnavailable, ChannelClosed, Co
                       MembershipError, ProtocolError, RemoteProtocolError, ZipError)
 from ..ops import FastOp, reduce_by_name
 from ..protocol import messages as m
+from ..protocol.limits import SHM_MIN
 from ..runtime import Runtime
 from ..shm import Arena, SegmentLedger, sweep
 from ..transport.connection import Connection, Server, start_server
@@ -45,7 +46,6 @@ from . import protocol as d
 
 log = logging.getLogger("zipcomm.daemon")
 
-SHM_MIN = 64 << 10  # arrays smaller than this travel inline: a range costs a round trip
 MAX_RANGES_PER_SESSION = 1 << 16
 ROUNDS_AHEAD = 1024  # how far ahead of the host's current round a member may contribute
 REDUCE_BLOCK = 256 << 10  # bytes of the partial result combined at a time (fits a core's L2)
@@ -275,6 +275,7 @@ class Daemon:
         self._joining: dict[str, asyncio.Future] = {}
         self._leaving: dict[str, asyncio.Task] = {}
         self.sessions: set[Session] = set()
+        self.by_member: dict[int, Session] = {}  # the latest session of each local member
         self._server: Server | None = None
         self.swept: list[str] = []
         self.stats = {"bytes_to_members_shm": 0, "bytes_to_members_inline": 0, "copies_into_arena": 0}
@@ -448,6 +449,7 @@ class Daemon:
             raise RemoteProtocolError(f"expected d_hello, got {hello.OP!r}")
         s = Session(conn, hello.member)
         self.sessions.add(s)
+        self.by_member[s.member] = s
         conn.send(*d.DWelcome(daemon=self.rt.member_id, arena=self.arena.name if self.arena else "",
                               size=self.arena.size if self.arena else 0).to_frame())
         try:
@@ -456,6 +458,8 @@ class Daemon:
                 self._on_member(s, msg)
         finally:
             self.sessions.discard(s)
+            if self.by_member.get(s.member) is s:
+                del self.by_member[s.member]
             for name in list(s.channels):
                 self._remove_local(name, s)
             for off, count in s.held.items():
@@ -484,6 +488,8 @@ class Daemon:
                     if isinstance(off, int) and s.held.get(off, 0) > 0:
                         self._drop_held(s, off)
                         self.ranges.release(off)
+            case d.DShare():
+                s.send(d.DReply(req=msg.req, result={"delivered": self._share(s, msg)}))
             case d.DJoin():
                 self.rt._spawn(self._join(s, msg), f"local-join-{msg.channel}")
             case d.DLeave():
@@ -498,6 +504,41 @@ class Daemon:
                 ch.on_local(s.member, msg, value)
             case _:
                 raise RemoteProtocolError(f"unexpected {msg.OP!r} from a local member")
+
+    def _share(self, s: Session, msg: d.DShare) -> list[int]:
+        """Hand pieces of a range ``s`` holds to other local members (a shuffle's parts):
+        each gets a reference of its own and a descriptor; no byte moves.  A malformed
+        request is a protocol error (checked whole before anything is handed out)."""
+        off = msg.offset
+        if not isinstance(off, int) or s.held.get(off, 0) < 1 or off not in self.ranges.sizes:
+            raise RemoteProtocolError(f"range {off!r} is not this member's")
+        size = self.ranges.sizes[off]
+        dt = checked_dtype(msg.dtype)
+        if not isinstance(msg.parts, list):
+            raise RemoteProtocolError("parts must be a list")
+        checked = []
+        for part in msg.parts:
+            if not (isinstance(part, list) and len(part) == 3 and isinstance(part[0], int)
+                    and isinstance(part[1], int) and isinstance(part[2], list)
+                    and all(isinstance(x, int) and x >= 0 for x in part[2])):
+                raise RemoteProtocolError("bad part descriptor")
+            member, start, shape = part
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if start < 0 or start % dt.itemsize or start + nbytes > size:
+                raise RemoteProtocolError(f"part [{start}, {start + nbytes}) outside range {off}")
+            checked.append((member, start, nbytes, shape))
+        delivered = []
+        for member, start, nbytes, shape in checked:
+            target = self.by_member.get(member)
+            if target is None or target is s or len(target.held) >= MAX_RANGES_PER_SESSION:
+                continue  # not here (or at its limit): the sender's direct link carries it
+            self.ranges.hold(off)
+            target.held[off] = target.held.get(off, 0) + 1
+            self.stats["bytes_to_members_shm"] += nbytes
+            target.send(d.DPart(channel=msg.channel, round=msg.round, sender=s.member, range=off,
+                                shm=[off + start, nbytes, dt.str, shape]))
+            delivered.append(member)
+        return delivered
 
     def _channel_of(self, s: Session, name: str, kind: type) -> Any:
         ch = self.channels.get(name)

@@ -81,3 +81,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+#: arrays smaller than this travel inline between a member and its host daemon: a shared-memory
+#: range costs a round trip to the daemon
+SHM_MIN = 64 << 10
