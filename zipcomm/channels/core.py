@@ -66,14 +66,15 @@ def _payload_size(data: Any) -> int:
 class History:
     """The last items of a stream, bounded by count and bytes (at least one is kept)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = HISTORY_BYTES) -> None:
         self.items: collections.deque[m.Item] = collections.deque()
         self.nbytes = 0
+        self.max_bytes = max_bytes
 
     def append(self, item: m.Item) -> None:
         self.items.append(item)
         self.nbytes += _payload_size(item.data)
-        while len(self.items) > HISTORY_ITEMS or (self.nbytes > HISTORY_BYTES and len(self.items) > 1):
+        while len(self.items) > HISTORY_ITEMS or (self.nbytes > self.max_bytes and len(self.items) > 1):
             self.nbytes -= _payload_size(self.items.popleft().data)
 
     def __iter__(self):

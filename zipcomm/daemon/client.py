@@ -29,7 +29,7 @@ from ..protocol.payload import snapshot_payload
 from ..shm import Attachment
 from ..transport.connection import Connection, open_connection
 from . import protocol as d
-from .server import SHM_MIN
+from .server import SHM_MIN, history_bytes_for
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -46,6 +46,7 @@ class DaemonClient:
         self.rt = rt
         self.conn = conn
         self.daemon = welcome.daemon
+        self.arena_size = welcome.size if welcome.arena else 0
         self.attachment: Attachment | None = None
         if welcome.arena:
             try:
@@ -236,7 +237,7 @@ class _LocalHandle:
         # The stream as the daemon fed it, bounded like any node's history: after a
         # fallback this member serves it to its new children.
         self.last_key: tuple = (0, 0)
-        self.history = History()
+        self.history = History(max_bytes=history_bytes_for(client.arena_size))
 
     def _record(self, msg: d.DItem) -> m.Item:
         value = self.client.take(msg.shm, msg.data)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..channels.broadcast import BroadcastChannel
+from ..channels.core import HISTORY_BYTES, History
 from ..channels.reduce import _NOTHING, ReduceChannel
 from ..errors import (ArenaError, ArenaFull, ArenaUnavailable, ChannelClosed, ConnectionClosed,
                       MembershipError, ProtocolError, RemoteProtocolError, ZipError)
@@ -48,7 +49,17 @@ log = logging.getLogger("zipcomm.daemon")
 
 MAX_RANGES_PER_SESSION = 1 << 16
 ROUNDS_AHEAD = 1024  # how far ahead of the host's current round a member may contribute
+HISTORY_SHARE = 8  # a channel's repair history may pin 1/HISTORY_SHARE of the arena
 REDUCE_BLOCK = 256 << 10  # bytes of the partial result combined at a time (fits a core's L2)
+
+
+def history_bytes_for(arena_size: int | None) -> int:
+    """What a channel's repair history may pin, in the daemon and in each local member: its
+    items' data sit in the arena, so at most 1/HISTORY_SHARE of it (the members' own data
+    needs the rest)."""
+    if not arena_size:
+        return HISTORY_BYTES
+    return max(SHM_MIN, min(HISTORY_BYTES, arena_size // HISTORY_SHARE))
 
 
 def range_of(arr: np.ndarray) -> list:
@@ -145,6 +156,7 @@ class DaemonBroadcast(BroadcastChannel):
     def __init__(self, daemon: Daemon, name: str) -> None:
         super().__init__(daemon.rt, name)
         self.daemon = daemon
+        self.history = History(max_bytes=daemon.history_bytes())
         self.locals: dict[int, Session] = {}
 
     async def on_item(self, item: m.Item) -> None:
@@ -167,6 +179,7 @@ class DaemonReduce(ReduceChannel):
                                   channel=name)
         super().__init__(daemon.rt, name, reduce_f=reduce_f)
         self.daemon = daemon
+        self.history = History(max_bytes=daemon.history_bytes())
         self._own_is_callers = False  # our values are arena ranges we own
         self.locals: dict[int, _Local] = {}
         self.waiting: dict[int, dict[int, tuple[d.DReduce, Any]]] = {}
@@ -225,8 +238,11 @@ class DaemonReduce(ReduceChannel):
             # An allreduce result reaches every local member in the stream feed; a plain
             # reduce's result only those whose handler asked for it.
             _, fut = self.start_round(data, ids=ids, allreduce=allreduce, want=bool(wants))
-            if fut is not None and not allreduce:
-                fut.add_done_callback(lambda f, r=r, wants=wants: self._answer(r, wants, f))
+            if fut is not None:
+                # the result must not outlive its delivery: it may hold a range of the arena
+                fut.add_done_callback(lambda f, r=r: self._waiters.pop(r, None) if self._waiters.get(r) is f else None)
+                if not allreduce:
+                    fut.add_done_callback(lambda f, r=r, wants=wants: self._answer(r, wants, f))
 
     def _combine_local(self, values: list) -> Any:
         if len(values) == 1:
@@ -332,6 +348,9 @@ class Daemon:
         await self.aclose()
 
     # -- data ----------------------------------------------------------------
+
+    def history_bytes(self) -> int:
+        return history_bytes_for(self.arena.size if self.arena is not None else None)
 
     def to_arena(self, value: Any) -> tuple[int | None, Any]:
         """(range, arena view) for an array worth sharing, else (None, value)."""
