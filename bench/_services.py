@@ -164,14 +164,22 @@ class _ZipcommService:
         _stop(self.proc)
 
 
+#: The benchmarks' controllers expect a heartbeat every second but declare a member dead only
+#: after this many seconds without one (the default is 5 s): a benchmark measures collectives, not
+#: failure detection, and on a loaded 2-core machine a rank that verifies 8 x 1M items between
+#: rounds can go that long without running its event loop.  (MPI and gloo detect no failure at all.)
+BENCH_HEARTBEAT_TIMEOUT = 60.0
+
+
 class Controller(_ZipcommService):
-    """``python -m zipcomm.controller --listen 127.0.0.1:0 --ready-file PATH``."""
+    """``python -m zipcomm.controller --listen 127.0.0.1:0 --ready-file PATH
+    --heartbeat-timeout BENCH_HEARTBEAT_TIMEOUT``."""
 
     what = "zipcomm controller"
 
     def argv(self, ready: Path) -> list[str]:
         return [sys.executable, "-m", "zipcomm.controller", "--listen", "127.0.0.1:0",
-                "--ready-file", str(ready)]
+                "--ready-file", str(ready), "--heartbeat-timeout", str(BENCH_HEARTBEAT_TIMEOUT)]
 
 
 class Daemon(_ZipcommService):
