@@ -63,7 +63,7 @@ class ShuffleChannel(ChannelCore):
         if self.role == RECEIVER:
             raise ValueError("a RECEIVER cannot shuffle_send")
         r, members = await self._start_round(timeout)
-        await self._send_parts_via_host(r, members, data, hash_function)
+        await self._drain(await self._send_parts_via_host(r, members, data, hash_function))
         return r
 
     async def shuffle_receive(self, *, timeout: float | None = 30.0) -> Any:
@@ -78,8 +78,17 @@ class ShuffleChannel(ChannelCore):
         if self.role != BOTH:
             raise ValueError("shuffle_send_receive needs role BOTH")
         r, members = await self._start_round(timeout)
-        await self._send_parts_via_host(r, members, data, hash_function)
-        return await self._collect(r, members, timeout)
+        sent = await self._send_parts_via_host(r, members, data, hash_function)
+        result = await self._collect(r, members, timeout)
+        await self._drain(sent)
+        return result
+
+    async def _drain(self, members: list[int]) -> None:
+        """Return only once our parts have left (down to the sockets' buffers): an application
+        that computes right after the call would otherwise hold them back, and every receiver
+        would wait for that."""
+        for member in members:
+            await self.rt.drain_to(member)
 
     # -- rounds --------------------------------------------------------------
 
@@ -138,7 +147,7 @@ class ShuffleChannel(ChannelCore):
             if self._root_wanted > r:  # asked for while we were fetching
                 self._root_wants_list(self._root_wanted)
 
-    async def _send_parts_via_host(self, r: int, members: list, data: Any, hash_function: Callable) -> None:
+    async def _send_parts_via_host(self, r: int, members: list, data: Any, hash_function: Callable) -> list[int]:
         """Send this member's parts; with a host daemon, partition straight into its shared
         memory and hand the parts for members of this host over as references (no byte
         crosses a socket); the rest, and everything without a daemon, goes over direct links."""
@@ -148,8 +157,7 @@ class ShuffleChannel(ChannelCore):
                 or not isinstance(data, np.ndarray) or data.ndim == 0 or data.nbytes < SHM_MIN
                 or data.dtype.hasobject
                 or not any(mm[0] != self.me and mm[2] == self.rt.host_id for mm in receivers)):
-            self._send_parts(r, members, data, hash_function)
-            return
+            return self._send_parts(r, members, data, hash_function)
         buf = await daemon.empty(data.shape, data.dtype)  # in the arena if there is room
         parts = partition(data, hash_function, len(receivers), out=buf)
         local = [(mm[0], part) for mm, part in zip(receivers, parts)
@@ -158,26 +166,33 @@ class ShuffleChannel(ChannelCore):
             shared = await daemon.share(self.name, r, buf, local)
         except (ConnectionClosed, MembershipError):  # the daemon went away: direct links carry all
             shared = set()
+        direct = []
         for (member, address, _host, _role), part in zip(receivers, parts):
             if member == self.me:
                 self._store_part(r, self.me, part)
             elif member not in shared:
                 self.rt.send_to(member, address, m.Part(channel=self.name, round=r, sender=self.me, data=part))
+                direct.append(member)
+        return direct
 
     def on_shared_part(self, r: int, sender: int, data: Any) -> None:
         """A part another member of this host handed over through the daemon."""
         self._store_part(r, sender, data)
         self._pulse()
 
-    def _send_parts(self, r: int, members: list, data: Any, hash_function: Callable) -> None:
+    def _send_parts(self, r: int, members: list, data: Any, hash_function: Callable) -> list[int]:
+        """Send every part over direct links; return the members sent to."""
         log.debug("%x sends round %d", self.me, r)
         receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
         parts = partition(data, hash_function, len(receivers)) if receivers else []
+        sent = []
         for (member, address, _host, _role), part in zip(receivers, parts):
             if member == self.me:
                 self._store_part(r, self.me, part)
             else:
                 self.rt.send_to(member, address, m.Part(channel=self.name, round=r, sender=self.me, data=part))
+                sent.append(member)
+        return sent
 
     async def _collect(self, r: int, members: list, timeout: float | None) -> Any:
         senders = [mm[0] for mm in members if mm[3] in (SENDER, BOTH)]
