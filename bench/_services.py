@@ -1,4 +1,5 @@
-"""Servers that bench/comm.py starts and stops: a private redis-server and a zipcomm controller."""
+"""Servers the benchmarks start and stop: a private redis-server, a moto S3 server, zipcomm
+controllers and host daemons."""
 from __future__ import annotations
 
 import os
@@ -127,6 +128,111 @@ class RedisServer:
         _stop(self.proc)
 
 
+class S3Server:
+    """A private S3-compatible server: moto's ``python -m moto.server`` on a free loopback port.
+
+    Objects live in the server's memory (bodies above a few MB in unlinked temporary files),
+    nothing outlives it.  :meth:`client_settings` are what an aiobotocore client
+    (``cirrus.storage.S3Store``) needs to reach it; :meth:`env` the same as the standard AWS
+    environment variables, for programs that take their settings from there
+    (``cirrus.storage.open_store("s3://...")``).  The bucket helpers run their own event loop:
+    call them outside ``asyncio.run``.
+    """
+
+    ACCESS_KEY = SECRET_KEY = "testing"  # moto accepts any credentials; botocore wants some
+    REGION = "us-east-1"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def version(self) -> str:
+        import importlib.metadata
+        return importlib.metadata.version("moto")
+
+    def client_settings(self) -> dict:
+        return {"endpoint_url": self.url, "region_name": self.REGION,
+                "aws_access_key_id": self.ACCESS_KEY, "aws_secret_access_key": self.SECRET_KEY}
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ENDPOINT_URL_S3": self.url,
+                "AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_DEFAULT_REGION": self.REGION, "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+    def _answers(self) -> bool:
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        try:
+            conn.request("GET", "/")  # ListBuckets
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def start(self, deadline: float = 30.0) -> None:
+        import importlib.util
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("aiobotocore") is None:
+            raise ServiceError("the Python packages moto[server] and aiobotocore are needed: "
+                               "pip install 'moto[server]' aiobotocore")
+        for _attempt in range(3):  # the free port may be taken again before moto binds it
+            self.port = free_port()
+            log = self.workdir / f"moto-{self.port}.log"
+            with open(log, "wb") as out:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                    cwd=self.workdir, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT)
+            end = time.monotonic() + deadline
+            while not _exited_within(self.proc, 0.05):  # poll ListBuckets until it answers
+                if self._answers():
+                    return
+                if time.monotonic() > end:
+                    self.stop()
+                    raise ServiceError(f"moto server did not answer within {deadline:.0f}s; "
+                                       f"log: {tail(log)}")
+            if "already in use" not in tail(log, 50):
+                raise ServiceError(f"moto server exited with code {self.proc.returncode}: "
+                                   f"{tail(log)}")
+        raise ServiceError("moto server could not bind a free port in 3 attempts")
+
+    def _run(self, coro_fn, *args):
+        import asyncio
+        return asyncio.run(coro_fn(*args))
+
+    async def _create_bucket(self, bucket: str) -> None:
+        from cirrus.storage import s3_session
+        async with s3_session().create_client("s3", **self.client_settings()) as client:
+            await client.create_bucket(Bucket=bucket)
+
+    def create_bucket(self, bucket: str) -> None:
+        self._run(self._create_bucket, bucket)
+
+    async def _keys_left(self, bucket: str, prefix: str) -> int:
+        from cirrus.storage import S3Store
+        settings = self.client_settings()
+        store = S3Store(bucket, endpoint_url=settings.pop("endpoint_url"),
+                        region_name=settings.pop("region_name"), client_kwargs=settings)
+        async with store:
+            keys = await store.list(prefix)
+            for key in keys:
+                await store.delete(key)
+        return len(keys)
+
+    def keys_left(self, bucket: str, prefix: str = "") -> int:
+        """Number of objects under ``prefix`` in ``bucket`` (a leak check); deletes them."""
+        return self._run(self._keys_left, bucket, prefix)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
 class _ZipcommService:
     """A zipcomm process that writes one line to its ready file once serving."""
 
@@ -210,3 +316,4 @@ def zipcomm_import_error() -> str | None:
         return None
     lines = out.stderr.strip().splitlines()
     return lines[-1] if lines else f"import zipcomm exited with code {out.returncode}"
+

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark zipcomm's collectives against its peers (Redis, MPI, gloo), side by side in one run.
+"""Benchmark zipcomm's collectives against its peers (Redis, S3, MPI, gloo), side by side in one run.
 
 Every backend runs the same cells (op, payload size, number of processes n) under the same
 conditions, one cell at a time: broadcast from rank 0, reduce (sum) to rank 0, allreduce (sum),
@@ -12,11 +12,11 @@ sender (reduce, allreduce, shuffle) leaves the barrier that precedes it, and end
 rank has its result; all times are time.perf_counter() (CLOCK_MONOTONIC, comparable across
 processes); a cell's figure is the median over its timed rounds.
 
-The ranks are processes running bench/_worker.py: n separate ones for zipcomm, redis and gloo,
-one ``mpirun -n N`` for mpi.  The script starts what the backends need (a redis-server for the
-run, a zipcomm controller per cell, a free loopback port per gloo cell); a backend whose software
-is missing is reported as "backend unavailable: ..." and skipped.  Backends are registered in
-BACKENDS in bench/comm.py (bench/_backends.py says how to add one).
+The ranks are processes running bench/_worker.py: n separate ones for zipcomm, redis, s3 and
+gloo, one ``mpirun -n N`` for mpi.  The script starts what the backends need (a redis-server and
+a moto S3 server for the run, a zipcomm controller per cell, a free loopback port per gloo cell);
+a backend whose software is missing is reported as "backend unavailable: ..." and skipped.
+Backends are registered in BACKENDS in bench/comm.py (bench/_backends.py says how to add one).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,13 +42,15 @@ from bench._report import (BASELINE, UNAVAILABLE, comparisons, machine_info, pee
 from bench._services import ROOT, ServiceError  # noqa: E402
 from bench.gloo_backend import Gloo  # noqa: E402
 from bench.mpi_backend import Mpi  # noqa: E402
+from bench.plot import PlotError, plot  # noqa: E402
+from bench.s3_backend import S3  # noqa: E402
 
 # The registry: name -> parent side of the backend (launch style, availability check, services).
-BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Zipcomm, ZipcommDaemon, Redis, Mpi, Gloo)}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (Zipcomm, ZipcommDaemon, Redis, Mpi, Gloo, S3)}
 OPS = ("broadcast", "reduce", "allreduce", "shuffle")
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-DEFAULTS = {"sizes": "100B,100MB", "n": "2,4,8", "reps": 5, "shuffle_items": "1M", "timeout": 300.0}
+DEFAULTS = {"sizes": "100B,100MB", "n": "2,4,8,16", "reps": 5, "shuffle_items": "1M", "timeout": 300.0}
 QUICK = {"sizes": "100B,4KB", "n": "2", "reps": 2, "shuffle_items": "10K", "timeout": 60.0}
 GRACE = 20.0  # the parent waits this much longer than the workers' own deadline
 
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{QUICK['shuffle_items']} shuffle items (explicit options still win)")
     p.add_argument("--out", type=Path, help="JSON output path (default: "
                    "bench/results/comm-<timestamp>.json)")
+    p.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="do not draw the figures (by default, time vs n per backend for every "
+                        "op and size, PNGs next to the JSON: bench/plot.py)")
+    p.add_argument("--install-peers", action="store_true",
+                   help="first install the peers that are missing (bench/install-peers.sh: "
+                        "redis-server, Open MPI, mpi4py, torch, moto, matplotlib; Debian, as root)")
     p.add_argument("--timeout", type=float, help=f"seconds per cell before its ranks give up "
                    f"(an MPI call cannot); whatever still runs {GRACE:.0f} s later is killed "
                    f"(default: {DEFAULTS['timeout']:.0f}; --quick: {QUICK['timeout']:.0f})")
@@ -195,6 +204,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = resolve(build_parser().parse_args(argv))
+    if args.install_peers:
+        subprocess.run([str(ROOT / "bench" / "install-peers.sh")], check=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     cells, interrupted = cells_of(args), False
     started = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -250,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nhost load average at the end: {machine['loadavg_at_end']} on "
           f"{machine['cpus_usable']} CPUs (other load on the host inflates the timings)")
     print(f"wrote {args.out}")
+    if args.plot and done:
+        try:
+            for path in plot(report, args.out.parent, args.out.stem):
+                print(f"wrote {path}")
+        except PlotError as exc:  # the results stand without their figures
+            print(f"no plots: {exc}")
     if interrupted:
         return 130
     bad = [c for c in done if c["status"] != "ok" and not c["error"].startswith(UNAVAILABLE)]
