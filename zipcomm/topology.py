@@ -11,8 +11,14 @@ why the tree keeps, besides the parent / children links:
 
 * ``_levels[d]``: the members at depth ``d``. Its length gives the count per depth (for the
   balance test) and its last level holds only leaves, so "a deepest leaf" is O(1).
-* ``_open[d]``: the members at depth ``d`` that still have a free slot, plus a min-heap of
-  those depths (lazy deletion), so "the shallowest node with a free slot" is O(log n).
+* ``_open[d]``: the members at depth ``d`` that still have a free slot, only for depths that
+  have one, so "the shallowest node with a free slot" is the first of ``_open[min(_open)]``:
+  O(depth) = O(log n).
+
+A lone root has neither index, nor a children list (they are built when the second member
+joins): a process that joins many channels mostly creates one-member trees, and every container
+a tree keeps is one more object for Python's cyclic garbage collector to walk on each full
+collection (a lone root's tree is two of them with its channel record, instead of ten).
 
 Both are ``OrderedDict``s used as insertion-ordered sets: unlike a plain ``dict``, taking its
 first item stays O(1) after many deletions from the front (a ``dict`` iterator has to skip the
@@ -26,17 +32,19 @@ timing anything.
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Changes", "Rewire", "Tree", "ideal_depth"]
 
 
-@dataclass(frozen=True, slots=True)
-class Rewire:
-    """One message to one member: its neighbourhood after the whole operation."""
+class Rewire(NamedTuple):
+    """One message to one member: its neighbourhood after the whole operation.
+
+    A named tuple rather than a frozen dataclass: two are built per join, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) cost more than the join itself."""
 
     member: Hashable
     parent: Hashable | None  # None = the member is the root
@@ -53,6 +61,11 @@ class Changes:
     removed: Hashable | None = None
 
 
+# The depth index of a tree with at most one member: immutable, so that a lone root costs no list
+# and anything that would index it by mistake fails loudly (the second join builds the index).
+_NO_LEVELS: tuple = ()
+
+
 def ideal_depth(n: int, fanout: int) -> int:
     """Depth of a complete ``fanout``-ary tree with ``n`` nodes (0 for n <= 1). O(log n)."""
     depth, capacity, width = 0, 1, 1
@@ -65,6 +78,8 @@ def ideal_depth(n: int, fanout: int) -> int:
 
 class Tree:
     """The tree of one channel. Members are hashable ids; ``None`` is reserved (no parent)."""
+
+    __slots__ = ("fanout", "depth_slack", "work", "_root", "_parent", "_children", "_depth", "_levels", "_open")
 
     def __init__(self, fanout: int = 4, depth_slack: int = 1) -> None:
         # A fan-out of 1 is a chain: no O(log n) depth, nothing to balance.
@@ -79,12 +94,9 @@ class Tree:
         self._parent: dict[Hashable, Hashable | None] = {}
         self._children: dict[Hashable, list[Hashable]] = {}
         self._depth: dict[Hashable, int] = {}
-        self._levels: list[OrderedDict[Hashable, None]] = []
+        # Both empty until a second member joins (see the module docstring).
+        self._levels: list[OrderedDict[Hashable, None]] | tuple = _NO_LEVELS
         self._open: dict[int, OrderedDict[Hashable, None]] = {}
-        # Each depth is in the heap at most once (tracked by _open_in_heap); an entry whose
-        # bucket has emptied stays until it reaches the top, then is dropped.
-        self._open_depths: list[int] = []
-        self._open_in_heap: set[int] = set()
 
     # ----------------------------------------------------------------- queries
 
@@ -95,13 +107,20 @@ class Tree:
     @property
     def max_depth(self) -> int:
         """Depth of the deepest member; -1 when the tree is empty."""
+        if not self._levels:
+            return -1 if self._root is None else 0
         return len(self._levels) - 1
 
     def parent(self, member: Hashable) -> Hashable | None:
         return self._parent[member]
 
     def children(self, member: Hashable) -> tuple:
-        return tuple(self._children[member])
+        kids = self._children.get(member)
+        if kids is not None:
+            return tuple(kids)
+        if member in self._parent:  # a lone root, not indexed yet
+            return ()
+        raise KeyError(member)
 
     def depth(self, member: Hashable) -> int:
         return self._depth[member]
@@ -128,8 +147,11 @@ class Tree:
             raise ValueError(f"{member!r} is already a member")
         if self._root is None:
             self._root = member
-            self._place(member, parent=None, depth=0)
-            return Changes([self._rewire(member)], root_changed=True)
+            self._parent[member] = None
+            self._depth[member] = 0
+            return Changes([Rewire(member, None, (), 0)], root_changed=True)
+        if not self._levels:
+            self._index_root()
         parent = self._take_open_node()
         self._attach_leaf(member, parent)
         return Changes([self._rewire(member), self._rewire(parent)], root_changed=False)
@@ -189,6 +211,13 @@ class Tree:
 
     # ------------------------------------------------------------- link surgery
 
+    def _index_root(self) -> None:
+        """Build the children list and depth indexes of a lone root (a second member is joining)."""
+        root = self._root
+        self._children[root] = []
+        self._levels = [OrderedDict({root: None})]
+        self._open[0] = OrderedDict({root: None})
+
     def _place(self, member: Hashable, parent: Hashable | None, depth: int) -> None:
         """Record a new childless member at ``depth`` (its parent's list is the caller's)."""
         self._parent[member] = parent
@@ -246,8 +275,8 @@ class Tree:
 
     def _clear(self) -> None:
         self._root = None
-        for index in (self._parent, self._children, self._depth, self._levels, self._open,
-                      self._open_depths, self._open_in_heap):
+        self._levels = _NO_LEVELS
+        for index in (self._parent, self._children, self._depth, self._open):
             index.clear()
 
     def _forget(self, member: Hashable) -> None:
@@ -261,9 +290,6 @@ class Tree:
         if bucket is None:
             bucket = self._open[depth] = OrderedDict()
         bucket[member] = None
-        if depth not in self._open_in_heap:
-            self._open_in_heap.add(depth)
-            heapq.heappush(self._open_depths, depth)
 
     def _unmark_open(self, member: Hashable) -> None:
         depth = self._depth[member]
@@ -271,7 +297,7 @@ class Tree:
         if bucket is not None:
             bucket.pop(member, None)
             if not bucket:
-                del self._open[depth]  # its heap entry goes lazily
+                del self._open[depth]
 
     def _refresh_open(self, member: Hashable) -> None:
         if len(self._children[member]) < self.fanout:
@@ -282,15 +308,11 @@ class Tree:
     def _take_open_node(self) -> Hashable:
         """The oldest member with a free slot at the shallowest such depth.
 
-        The caller attaches a child to it, which refreshes its open status.
+        The caller attaches a child to it, which refreshes its open status. Buckets are never
+        kept empty, and a non-empty tree always has an open leaf.
         """
-        heap = self._open_depths
-        while True:
-            self.work += 1
-            bucket = self._open.get(heap[0])  # a non-empty tree always has an open leaf
-            if bucket:
-                return next(iter(bucket))
-            self._open_in_heap.discard(heapq.heappop(heap))
+        self.work += len(self._open)  # one step per depth that has a free slot: O(log n)
+        return next(iter(self._open[min(self._open)]))
 
     # ---------------------------------------------------------------- messages
 
@@ -310,8 +332,10 @@ class Tree:
     def check_invariants(self) -> None:
         """O(n) walk for tests: raise AssertionError naming the first broken invariant."""
         n = len(self)
-        assert self._parent.keys() == self._children.keys() == self._depth.keys(), (
-            "parent / children / depth maps disagree on the member set"
+        lone = n == 1 and not self._levels  # a lone root, not indexed yet
+        assert self._parent.keys() == self._depth.keys(), "parent / depth maps disagree on the member set"
+        assert self._children.keys() == (set() if lone else self._parent.keys()), (
+            "parent / children maps disagree on the member set"
         )
         if n == 0:
             assert self._root is None, f"empty tree has root {self._root!r}"
@@ -319,6 +343,10 @@ class Tree:
             return
         assert self._root in self._parent, f"root {self._root!r} is not a member"
         assert self._parent[self._root] is None, f"root {self._root!r} has a parent"
+        if not self._levels:
+            assert lone and not self._open, f"{n} members but no depth index"
+            assert self._depth[self._root] == 0, "lone root is not at depth 0"
+            return
 
         seen: set[Hashable] = set()
         per_depth: list[list[Hashable]] = []
@@ -356,7 +384,3 @@ class Tree:
                 f"free-slot index at depth {depth} is wrong"
             )
         assert all(self._open.values()), "an empty free-slot bucket was kept"
-        assert set(self._open) <= self._open_in_heap, "a free-slot depth is not in the heap"
-        assert sorted(self._open_depths) == sorted(self._open_in_heap), (
-            "free-slot depth heap and its membership set disagree"
-        )

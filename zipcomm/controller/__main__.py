@@ -9,7 +9,7 @@ import sys
 from .._entry import run, write_ready_file
 from ..protocol.handshake import load_secret
 from ..transport.connection import is_loopback, parse_address
-from .server import Controller
+from .server import MAX_HOSTED_MEMBERS, Controller
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between heartbeats expected from members (default 1.0)")
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="drop a member silent for this many seconds (default 5.0)")
+    p.add_argument("--max-hosted-members", type=int, default=MAX_HOSTED_MEMBERS, metavar="N",
+                   help="members one session may host besides its own, for processes that hold many "
+                        "handles of a channel (Join.member; default %(default)s); further joins are refused")
     p.add_argument("--ready-file", metavar="FILE",
                    help="write the bound HOST:PORT to FILE once listening (for scripts and tests)")
     p.add_argument("-v", "--verbose", action="store_true", help="log membership changes")
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.fanout < 2:
         print("error: --fanout must be at least 2", file=sys.stderr)
+        return 2
+    if args.max_hosted_members < 0:
+        print("error: --max-hosted-members must be at least 0", file=sys.stderr)
         return 2
     try:
         kind, where = parse_address(args.listen)
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve(stop: asyncio.Event) -> int:
         async with Controller(args.listen, secret=secret, fanout=args.fanout, depth_slack=args.depth_slack,
-                              heartbeat=args.heartbeat, heartbeat_timeout=args.heartbeat_timeout) as ctl:
+                              heartbeat=args.heartbeat, heartbeat_timeout=args.heartbeat_timeout,
+                              max_hosted_members=args.max_hosted_members) as ctl:
             print(f"zipcomm controller listening on {ctl.address}", flush=True)
             if args.ready_file:
                 write_ready_file(args.ready_file, ctl.address)

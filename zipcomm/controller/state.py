@@ -14,18 +14,13 @@ from ..topology import Changes, Tree
 
 KINDS = ("broadcast", "reduce", "shuffle")
 ROLES = ("sender", "receiver", "both", "member")
+# Each request decodes its own copy of these strings: stored, they are swapped for one shared
+# copy (160K members of a channel would otherwise keep 160K copies of "both").
+_KIND_NAMES = {kind: kind for kind in KINDS}
+_ROLE_NAMES = {role: role for role in ROLES}
+_MEMBER = _ROLE_NAMES["member"]
 
 Push = tuple[int, Message]
-
-
-@dataclass(slots=True)
-class MemberRecord:
-    member: int
-    address: str
-    host: str
-
-    def wire(self, role: str) -> list:
-        return [self.member, self.address, self.host, role]
 
 
 @dataclass(slots=True)
@@ -42,14 +37,17 @@ class ControllerState:
     def __init__(self, fanout: int = 4, depth_slack: int = 1) -> None:
         self.fanout = fanout
         self.depth_slack = depth_slack
-        self.members: dict[int, MemberRecord] = {}
+        # member -> how it goes on the wire, [id, "host:port", host id, role], with the role it last
+        # had: a plain tuple (built once, sent in every rewire of its neighbours, and a tuple of
+        # atoms is no work for the cyclic garbage collector).
+        self.members: dict[int, tuple] = {}
         self.channels: dict[str, ChannelMeta] = {}
         self.member_channels: dict[int, set[str]] = {}
 
     # -- sessions ------------------------------------------------------------
 
     def hello(self, member: int, address: str, host: str) -> None:
-        self.members[member] = MemberRecord(member, address, host)
+        self.members[member] = (member, address, host, _MEMBER)
         self.member_channels.setdefault(member, set())
 
     def session_lost(self, member: int) -> list[Push]:
@@ -63,15 +61,20 @@ class ControllerState:
     # -- requests ------------------------------------------------------------
 
     def join(self, member: int, channel: str, kind: str, role: str, epoch_hint: int) -> tuple[dict, list[Push]]:
-        if kind not in KINDS:
+        """Add ``member`` to ``channel`` (created on first join): its own place (the reply) and the
+        pushes for the others (its new parent's rewire). O(log n) in the channel's size."""
+        kind_name = _KIND_NAMES.get(kind)
+        if kind_name is None:
             raise MembershipError(f"unknown channel kind {kind!r}", channel=channel, member=member)
-        if role not in ROLES:
+        role_name = _ROLE_NAMES.get(role)
+        if role_name is None:
             raise MembershipError(f"unknown role {role!r}", channel=channel, member=member)
-        if member not in self.members:
+        channels = self.member_channels.get(member)
+        if channels is None:
             raise MembershipError("join before hello", channel=channel, member=member)
         meta = self.channels.get(channel)
         if meta is None:
-            meta = ChannelMeta(channel, kind, Tree(self.fanout, self.depth_slack), epoch=epoch_hint)
+            meta = ChannelMeta(channel, kind_name, Tree(self.fanout, self.depth_slack), epoch=epoch_hint)
             self.channels[channel] = meta
         elif meta.kind != kind:
             raise MembershipError(
@@ -82,14 +85,20 @@ class ControllerState:
                                   code=MembershipError.ALREADY_MEMBER)
         # After a controller restart members re-announce with the epoch they knew:
         # the rebuilt tree must live in a later epoch than anything they saw.
-        meta.epoch = max(meta.epoch, epoch_hint)
-        meta.roles[member] = role
-        self.member_channels[member].add(channel)
+        if epoch_hint > meta.epoch:
+            meta.epoch = epoch_hint
+        meta.roles[member] = role_name
+        channels.add(meta.name)
         changes = meta.tree.join(member)
-        pushes = self._apply(meta, changes)
-        own = next(m for target, m in pushes if target == member)
-        rest = [(t, m) for t, m in pushes if t != member]
-        return self._rewire_dict(own), rest  # type: ignore[arg-type]
+        pushes = self._apply(meta, changes, skip=member)
+        own = changes.rewires[0]  # Tree.join names the joiner first, and makes it a leaf
+        return {
+            "epoch": meta.epoch,
+            "parent": None if own.parent is None else self._wire(meta, own.parent),
+            "children": [self._wire(meta, c) for c in own.children] if own.children else [],
+            "depth": own.depth,
+            "term": meta.term,
+        }, pushes
 
     def leave(self, member: int, channel: str) -> list[Push]:
         meta = self.channels.get(channel)
@@ -101,7 +110,11 @@ class ControllerState:
     def root(self, channel: str) -> dict:
         meta = self._meta(channel)
         root = meta.tree.root
-        return {"epoch": meta.epoch, "term": meta.term, "root": self._wire(meta, root)}
+        return {"epoch": meta.epoch, "term": meta.term, "root": self._wire(meta, root), "members": len(meta.tree)}
+
+    def channel_count(self, member: int) -> int:
+        """How many channels ``member`` is in (0 for an unknown member)."""
+        return len(self.member_channels.get(member, ()))
 
     def member_list(self, channel: str) -> dict:
         meta = self._meta(channel)
@@ -137,37 +150,27 @@ class ControllerState:
             pushes.extend(self._apply(meta, meta.tree.rebalance()))
         return pushes
 
-    def _apply(self, meta: ChannelMeta, changes: Changes) -> list[Push]:
+    def _apply(self, meta: ChannelMeta, changes: Changes, skip: int | None = None) -> list[Push]:
+        """Bump the epoch and turn the tree's rewires into messages (``skip``'s excepted: a joiner
+        gets its place in the reply)."""
         meta.epoch += 1
         if changes.root_changed:
             meta.term = meta.epoch
-        pushes: list[Push] = []
-        for rw in changes.rewires:
-            pushes.append(
-                (
-                    rw.member,
-                    Rewire(
-                        channel=meta.name,
-                        epoch=meta.epoch,
-                        parent=self._wire(meta, rw.parent) if rw.parent is not None else None,
-                        children=[self._wire(meta, c) for c in rw.children],
-                        depth=rw.depth,
-                        term=meta.term,
-                        removed=changes.removed,
-                    ),
-                )
+        wire = self._wire
+        name, epoch, term, removed = meta.name, meta.epoch, meta.term, changes.removed
+        return [
+            (
+                rw.member,
+                Rewire(name, epoch, None if rw.parent is None else wire(meta, rw.parent),
+                       [wire(meta, c) for c in rw.children], rw.depth, term, removed),
             )
-        return pushes
+            for rw in changes.rewires
+            if rw.member != skip
+        ]
 
-    def _wire(self, meta: ChannelMeta, member: int) -> list:
-        return self.members[member].wire(meta.roles.get(member, "member"))
-
-    @staticmethod
-    def _rewire_dict(msg: Rewire) -> dict:
-        return {
-            "epoch": msg.epoch,
-            "parent": msg.parent,
-            "children": msg.children,
-            "depth": msg.depth,
-            "term": msg.term,
-        }
+    def _wire(self, meta: ChannelMeta, member: int) -> tuple:
+        wired = self.members[member]
+        role = meta.roles.get(member, _MEMBER)
+        if wired[3] is not role:  # roles are interned: see _ROLE_NAMES
+            wired = self.members[member] = (member, wired[1], wired[2], role)
+        return wired

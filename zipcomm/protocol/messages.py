@@ -9,6 +9,8 @@ Decoding validates presence and basic types, so a handler never probes dicts.
 from __future__ import annotations
 
 import dataclasses
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +28,8 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "list": (list, tuple),
     "dict": (dict,),
 }
+_INT = _CHECKS["int"]
+_KIND_NAMES = {types: kind for kind, types in _CHECKS.items()}
 
 
 @dataclass(slots=True)
@@ -33,38 +37,78 @@ class Message:
     OP: ClassVar[str] = ""
 
     def to_frame(self) -> tuple[dict, list]:
+        spec = _spec(type(self))
         header: dict[str, Any] = {"op": self.OP}
+        if not spec.has_data:
+            header.update(zip(spec.names, spec.values(self)))
+            return header, []
         buffers: list = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "data":
+        for name in spec.names:
+            value = getattr(self, name)
+            if name == "data":
                 tree, buffers = pack_payload(value)
                 header["data"] = tree
             else:
-                header[f.name] = value
+                header[name] = value
         return header, buffers
 
     @classmethod
     def from_frame(cls, frame: Frame) -> Message:
         header = frame.header
         kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in header:
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                    continue
-                raise RemoteProtocolError(f"message {cls.OP!r} lacks field {f.name!r}")
-            value = header[f.name]
-            if f.name == "data":
+        for name, kinds, optional, required in _spec(cls).checks:
+            if name not in header:
+                if required:
+                    raise RemoteProtocolError(f"message {cls.OP!r} lacks field {name!r}")
+                continue
+            value = header[name]
+            if name == "data":
                 value = unpack_payload(value, frame.buffers)
-            else:
-                kind = f.metadata.get("kind")
-                if kind is not None and not (value is None and f.metadata.get("optional")):
-                    if not isinstance(value, _CHECKS[kind]) or (kind == "int" and isinstance(value, bool)):
-                        raise RemoteProtocolError(
-                            f"message {cls.OP!r} field {f.name!r}: expected {kind}, got {type(value).__name__}"
-                        )
-            kwargs[f.name] = value
+            elif kinds is not None and not (value is None and optional):
+                if not isinstance(value, kinds) or (kinds is _INT and isinstance(value, bool)):
+                    raise RemoteProtocolError(
+                        f"message {cls.OP!r} field {name!r}: expected {_KIND_NAMES[kinds]}, got {type(value).__name__}"
+                    )
+            kwargs[name] = value
         return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What to_frame / from_frame need of a record class, computed once per class (dataclasses.fields()
+    builds a fresh tuple on every call, which cost more than the rest of decoding a small message)."""
+
+    names: tuple[str, ...]
+    values: Callable[[Any], tuple]  # record -> its field values, in ``names`` order
+    has_data: bool
+    # (name, accepted types or None, None allowed, must be present)
+    checks: tuple[tuple[str, tuple[type, ...] | None, bool, bool], ...]
+
+
+_SPECS: dict[type, _Spec] = {}
+
+
+def _spec(cls: type) -> _Spec:
+    spec = _SPECS.get(cls)
+    if spec is None:
+        fields = dataclasses.fields(cls)
+        names = tuple(f.name for f in fields)
+        spec = _SPECS[cls] = _Spec(
+            names=names,
+            # attrgetter of one name returns the value itself, of none fails: always ask a tuple
+            values=operator.attrgetter(*names, "OP") if names else (lambda record: ()),
+            has_data="data" in names,
+            checks=tuple(
+                (
+                    f.name,
+                    _CHECKS[f.metadata["kind"]] if "kind" in f.metadata else None,
+                    bool(f.metadata.get("optional")),
+                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                )
+                for f in fields
+            ),
+        )
+    return spec
 
 
 def op(name: str):
@@ -137,11 +181,21 @@ class Ping(Message):
 @op("join")
 @dataclass(slots=True)
 class Join(Message):
+    """Member -> controller. ``member`` set: join for a member this session hosts (see below).
+
+    A session may host members besides the one its hello named (one process holding several
+    handles of a channel, each its own member with the session's address and host). The first
+    join naming such a ``member`` registers it on the session; it is dropped when it has left all
+    its channels or when the session ends. Pushes for a hosted member carry ``to`` = its id; a
+    peer that never sets ``member`` never sees ``to`` set. Requests on one session are answered
+    in order, so a member may send many joins without waiting (pipelining)."""
+
     req: int = _int()
     channel: str = _str()
     kind: str = _str()
     role: str = _str()
     epoch_hint: int = _int()
+    member: int | None = _int(optional=True, default=None)
 
 
 @op("leave")
@@ -149,6 +203,7 @@ class Join(Message):
 class Leave(Message):
     req: int = _int()
     channel: str = _str()
+    member: int | None = _int(optional=True, default=None)  # a hosted member (see Join)
 
 
 @op("lookup_root")
@@ -189,6 +244,7 @@ class Rewire(Message):
     depth: int = _int(default=0)
     term: int = _int(default=0)
     removed: int | None = _int(optional=True, default=None)
+    to: int | None = _int(optional=True, default=None)  # the hosted member this is for (see Join)
 
 
 @op("gone")
@@ -200,6 +256,7 @@ class Gone(Message):
     epoch: int = _int()
     member: int = _int()
     graceful: bool = _bool(False)
+    to: int | None = _int(optional=True, default=None)  # the hosted member this is for (see Join)
 
 
 # --- member <-> member -------------------------------------------------------

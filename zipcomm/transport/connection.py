@@ -61,6 +61,8 @@ class Connection:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.peer: str = "?"
         self.info: dict = {}  # owner's annotations (e.g. the peer's member id)
+        self._soon: list = []  # pieces of the frames send_soon() queued in this loop iteration
+        self._soon_bytes = 0
 
     # -- sending -------------------------------------------------------------
 
@@ -69,22 +71,58 @@ class Connection:
         if self._error is not None:
             raise self._closed_error()
         pieces = encode_frame(header, buffers, self._limits)
+        if self._soon:
+            self._write_soon()  # frames keep their order
+        self._write(pieces, 0)
+
+    def send_soon(self, header: dict, buffers=()) -> None:
+        """Like :meth:`send`, but the frame is written at the end of this loop iteration together
+        with every other ``send_soon`` frame of the connection: one system call for a burst of small
+        frames (a server answering a batch of pipelined requests). :meth:`send`, :meth:`drain`,
+        :meth:`flush` and :meth:`aclose` write them first; :meth:`abort` drops them."""
+        if self._error is not None:
+            raise self._closed_error()
+        pieces = encode_frame(header, buffers, self._limits)
+        if not self._soon:
+            asyncio.get_running_loop().call_soon(self._write_soon)
+        self._soon += pieces
+        self._soon_bytes += sum(map(len, pieces))  # bytes and flat uint8 memoryviews
+        self._check_outbound(self._soon_bytes)
+
+    def _write_soon(self) -> None:
+        pieces, self._soon = self._soon, []
+        self._soon_bytes = 0
+        if pieces and self._error is None:
+            try:
+                self._write(pieces, 0)
+            except ConnectionClosed:
+                pass  # recorded: the owner's next call on the connection raises it
+
+    def _write(self, pieces: list, pending: int) -> None:
         transport = self._transport
         assert transport is not None
         if transport.is_closing():
             self._fail(BrokenByPeer(f"connection to {self.peer} is closing"))
             raise self._closed_error()
         transport.writelines(pieces)
-        if transport.get_write_buffer_size() > self._max_outbound:
+        self._check_outbound(pending)
+
+    def _check_outbound(self, pending: int) -> None:
+        transport = self._transport
+        assert transport is not None
+        queued = transport.get_write_buffer_size() + pending
+        if queued > self._max_outbound:
             counters["slow_consumers_cut_off"] += 1
             log.warning("cutting off %s: it stopped reading (%d bytes queued, cap %d)", self.peer,
-                        transport.get_write_buffer_size(), self._max_outbound)
+                        queued, self._max_outbound)
             self.abort(BrokenByPeer(f"peer {self.peer} stopped reading: outbound cap reached"))
             raise self._closed_error()
 
     async def drain(self) -> None:
         """Wait until the socket's send buffer is below its high-water mark. A peer that takes
         nothing for ``stall_timeout`` seconds meanwhile is cut off (it stopped reading)."""
+        if self._soon:
+            self._write_soon()
         last = -1
         while not self._drained.is_set():
             if self._error is not None:
@@ -110,6 +148,8 @@ class Connection:
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been handed to the kernel."""
+        if self._soon:
+            self._write_soon()
         transport = self._transport
         if transport is None or self._error is not None:
             return
@@ -150,6 +190,8 @@ class Connection:
             self._transport.abort()
 
     async def aclose(self) -> None:
+        if self._soon:
+            self._write_soon()  # what was sent before aclose() still goes out
         if self._error is None:
             self._fail(ClosedByUs("connection closed"))
             if self._transport is not None:
