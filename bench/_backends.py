@@ -9,6 +9,9 @@ launchers (bench/_launch.py) and the summary (bench/_report.py).
 To add a backend: write both classes (a module ``bench/<name>_backend.py`` holding both is the
 pattern of mpi and gloo), then add the class to ``BACKENDS`` in bench/comm.py; ``--backends``,
 ``--help``, the table and the ratios pick it up from there.
+
+:func:`leak_check`, :func:`redis_worker_cfg` and :func:`s3_worker_cfg` serve the redis and s3
+backends (and bench/sort.py, for the last two).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import contextlib
 import importlib.metadata
 import subprocess
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 from bench._launch import run_workers
 from bench._services import Controller, Daemon, RedisServer, ServiceError, zipcomm_import_error
@@ -29,6 +32,33 @@ def package_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+@contextlib.contextmanager
+def leak_check(cell: dict, field: str, server: str, count: Callable[[], int]) -> Iterator[None]:
+    """Around a cell's run: afterwards ``cell[field] = count()`` (what the cell left in the
+    server); if ``server`` cannot be reached the cell fails (the next cells will fail too)."""
+    try:
+        yield
+    finally:
+        try:
+            cell[field] = count()
+        except Exception as exc:  # the server died: note it
+            cell[field] = None
+            cell["error"] = cell["error"] or f"{server} unreachable after the cell: {exc}"
+            cell["status"] = "failed"
+
+
+def redis_worker_cfg(url: str, args: argparse.Namespace) -> dict:
+    """The redis entries of a worker config (``--redis-poll-*-ms`` options in seconds)."""
+    return dict(redis_url=url, poll_spin=args.redis_poll_spin_ms / 1e3,
+                poll_sleep=args.redis_poll_sleep_ms / 1e3)
+
+
+def s3_worker_cfg(bucket: str, settings: dict, args: argparse.Namespace) -> dict:
+    """The s3 entries of a worker config (``--s3-poll-*-ms`` options in seconds)."""
+    return dict(s3_bucket=bucket, s3_settings=settings, poll_spin=args.s3_poll_spin_ms / 1e3,
+                poll_sleep=args.s3_poll_sleep_ms / 1e3, poll_max=args.s3_poll_max_ms / 1e3)
 
 
 LAUNCH_STYLES = {"workers": "n separate worker processes", "mpirun": "one mpirun -n N"}
@@ -177,17 +207,8 @@ class Redis(Backend):
         return out
 
     def worker_cfg(self) -> dict:
-        return dict(redis_url=self.server.url, poll_spin=self.args.redis_poll_spin_ms / 1e3,
-                    poll_sleep=self.args.redis_poll_sleep_ms / 1e3)
+        return redis_worker_cfg(self.server.url, self.args)
 
-    @contextlib.contextmanager
-    def cell(self, cell: dict, cfg: dict) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            try:  # a leak check; also empties the server for the next cell
-                cell["redis_keys_left"] = self.server.keys_left()
-            except Exception as exc:  # the server died: note it, the next cells will fail too
-                cell["redis_keys_left"] = None
-                cell["error"] = cell["error"] or f"redis-server unreachable after the cell: {exc}"
-                cell["status"] = "failed"
+    def cell(self, cell: dict, cfg: dict) -> contextlib.AbstractContextManager[None]:
+        # a leak check; also empties the server for the next cell
+        return leak_check(cell, "redis_keys_left", "redis-server", self.server.keys_left)

@@ -1,6 +1,7 @@
 """Starting the ranks of one bench/comm.py cell, two ways (a backend picks one: bench/_backends.py).
 
-* :func:`run_workers`: n separate ``python -m bench._worker`` processes, one config each;
+* :func:`run_workers`: n separate ``python -m bench._worker`` processes, one config each
+  (bench/sort.py runs its ``bench._sort_worker`` processes with it too);
 * :func:`run_mpirun`: one ``mpirun -n N python -m bench._worker`` (Open MPI), every rank reading
   its rank from the environment; each rank's stdout/stderr come from ``--output-filename``.
 
@@ -64,15 +65,16 @@ def kill_live() -> None:
         _kill_session(sid)
 
 
-async def run_workers(cfgs: list[dict], timeout: float,
-                      env: dict[str, str] | None = None) -> tuple[list[tuple], list[int], str]:
-    """Run one worker per config; kill all as soon as one fails or the deadline passes."""
+async def run_workers(cfgs: list[dict], timeout: float, env: dict[str, str] | None = None,
+                      worker: list[str] = WORKER) -> tuple[list[tuple], list[int], str]:
+    """Run one worker per config (the command ``worker`` + the config as JSON; by default
+    ``python -m bench._worker``); kill all as soon as one fails or the deadline passes."""
     loop = asyncio.get_running_loop()
     procs, failed, failure = [], [], ""
     try:
         for cfg in cfgs:
             proc = await asyncio.create_subprocess_exec(
-                *WORKER, json.dumps(cfg), cwd=ROOT, env=child_env(env),
+                *worker, json.dumps(cfg), cwd=ROOT, env=child_env(env),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             procs.append(proc)
             _LIVE_PIDS.add(proc.pid)

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,6 +61,34 @@ def _exited_within(proc: subprocess.Popen, seconds: float) -> bool:
         return False
 
 
+def _start_on_free_port(server: Any, name: str, log_stem: str,
+                        popen: Callable[[int, BinaryIO], subprocess.Popen],
+                        answers: Callable[[], bool], *, poll: float, deadline: float,
+                        answer: str = "") -> None:
+    """Start ``server`` (its ``workdir``, ``port``, ``proc`` and ``stop()``) on a free loopback
+    port: ``popen(port, log)`` starts the process with its output to ``log`` (a file
+    ``<log_stem>-<port>.log`` in the workdir), then ``answers()`` is polled every ``poll``
+    seconds until it is true.  Up to 3 ports are tried (one may be taken again before the server
+    binds it); ServiceError, naming the server as ``name``, if it does not answer (``answer``:
+    what it did not answer to) within ``deadline`` seconds or exits for another reason."""
+    for _attempt in range(3):
+        server.port = free_port()
+        log = server.workdir / f"{log_stem}-{server.port}.log"
+        with open(log, "wb") as out:
+            server.proc = popen(server.port, out)
+        end = time.monotonic() + deadline
+        while not _exited_within(server.proc, poll):
+            if answers():
+                return
+            if time.monotonic() > end:
+                server.stop()
+                raise ServiceError(f"{name} did not answer{' ' + answer if answer else ''} "
+                                   f"within {deadline:.0f}s; log: {tail(log)}")
+        if "already in use" not in tail(log, 50):
+            raise ServiceError(f"{name} exited with code {server.proc.returncode}: {tail(log)}")
+    raise ServiceError(f"{name} could not bind a free port in 3 attempts")
+
+
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, no persistence."""
 
@@ -84,31 +113,24 @@ class RedisServer:
             raise ServiceError(f"{self.exe} not found on PATH: install it (Debian/Ubuntu: "
                                f"apt-get install redis-server)")
         self.exe = path
-        for _attempt in range(3):  # the free port may be taken again before redis binds it
-            self.port = free_port()
-            log = self.workdir / f"redis-{self.port}.log"
-            with open(log, "wb") as out:
-                self.proc = subprocess.Popen(
-                    [path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-            self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30,
+
+        def popen(port: int, out: BinaryIO) -> subprocess.Popen:
+            proc = subprocess.Popen(
+                [path, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30,
                                       socket_connect_timeout=2)
-            end = time.monotonic() + deadline
-            while not _exited_within(self.proc, 0.02):  # poll PING until it works
-                try:
-                    if self.client.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                if time.monotonic() > end:
-                    self.stop()
-                    raise ServiceError(f"redis-server did not answer PING within {deadline:.0f}s;"
-                                       f" log: {tail(log)}")
-            if "already in use" not in tail(log, 50):
-                raise ServiceError(f"redis-server exited with code {self.proc.returncode}: "
-                                   f"{tail(log)}")
-        raise ServiceError("redis-server could not bind a free port in 3 attempts")
+            return proc
+
+        def answers() -> bool:  # PING works
+            try:
+                return bool(self.client.ping())
+            except redis.ConnectionError:
+                return False
+
+        _start_on_free_port(self, "redis-server", "redis", popen, answers, poll=0.02,
+                            deadline=deadline, answer="PING")
 
     def keys_left(self) -> int:
         """Number of keys in the database (a leak check after a cell); flushes them."""
@@ -181,26 +203,16 @@ class S3Server:
         if importlib.util.find_spec("moto") is None or importlib.util.find_spec("aiobotocore") is None:
             raise ServiceError("the Python packages moto[server] and aiobotocore are needed: "
                                "pip install 'moto[server]' aiobotocore")
-        for _attempt in range(3):  # the free port may be taken again before moto binds it
-            self.port = free_port()
-            log = self.workdir / f"moto-{self.port}.log"
-            with open(log, "wb") as out:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                    cwd=self.workdir, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT)
-            end = time.monotonic() + deadline
-            while not _exited_within(self.proc, 0.05):  # poll ListBuckets until it answers
-                if self._answers():
-                    return
-                if time.monotonic() > end:
-                    self.stop()
-                    raise ServiceError(f"moto server did not answer within {deadline:.0f}s; "
-                                       f"log: {tail(log)}")
-            if "already in use" not in tail(log, 50):
-                raise ServiceError(f"moto server exited with code {self.proc.returncode}: "
-                                   f"{tail(log)}")
-        raise ServiceError("moto server could not bind a free port in 3 attempts")
+
+        def popen(port: int, out: BinaryIO) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                cwd=self.workdir, env=child_env(), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT)
+
+        # poll ListBuckets until it answers
+        _start_on_free_port(self, "moto server", "moto", popen, self._answers, poll=0.05,
+                            deadline=deadline)
 
     def _run(self, coro_fn, *args):
         import asyncio

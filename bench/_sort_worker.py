@@ -29,9 +29,10 @@ Backends (``cfg["backend"]``):
   ``shuffle_send_receive(chunk, hash_function)`` per round (zipcomm partitions); the receiving
   class of a member is dealt out by zipcomm, so each worker learns its class from the keys it
   received (they must all be of one class);
-* ``redis``: bench/redis_backend.py's ``RedisComm`` (SET in one pipeline, polling GETDEL: every
-  key is deleted as it is read), with an all-to-all of pre-partitioned rows added here;
-* ``s3``: bench/s3_backend.py's ``S3Comm.shuffle_parts`` against the run's moto server.
+* ``redis``: bench/redis_backend.py's ``RedisComm.shuffle_parts`` (SET in one pipeline, polling
+  GETDEL: every key is deleted as it is read), the parts partitioned here;
+* ``s3``: bench/s3_backend.py's ``S3Comm.shuffle_parts`` against the run's moto server, the
+  parts partitioned here.
 """
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ import json
 import math
 import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
+
+from bench._common import close_comm, emit, report_error, run_on_loop
 
 RECORD = 100  # bytes: a 10-byte key and a 90-byte value
 KEY = 10
@@ -149,10 +151,6 @@ def is_sorted(recs: np.ndarray) -> bool:
     return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))))
 
 
-def emit(**record: Any) -> None:
-    print(json.dumps(record), flush=True)
-
-
 class WrongResult(Exception):
     """The shuffle delivered records of the wrong class."""
 
@@ -214,40 +212,10 @@ class ZipcommExchange(Exchange):
             await self.rt.aclose()
 
 
-class RedisExchange(Exchange):
-    async def open(self) -> None:
-        from bench.redis_backend import RedisComm, decode, encode
-
-        class RedisShuffle(RedisComm):
-            """RedisComm with an all-to-all of pre-partitioned parts (its ``shuffle`` takes 1-D
-            arrays and partitions by ``item % n``; records are rows)."""
-
-            async def shuffle_parts(self, parts: list[np.ndarray],
-                                    timeout: float | None = None) -> list[np.ndarray]:
-                base = self._next() + ":s"
-                pipe = self.r.pipeline(transaction=False)
-                for dst, part in enumerate(parts):
-                    if dst != self.rank:
-                        pipe.set(f"{base}:{self.rank}:{dst}", encode(part))
-                await pipe.execute()
-                got = {self.rank: parts[self.rank]}
-                pending = {src: f"{base}:{src}:{self.rank}" for src in range(self.size)
-                           if src != self.rank}
-
-                async def attempt() -> bool:
-                    for src, value in (await self._getdel_pending(pending)).items():
-                        got[src] = decode(value)
-                        del pending[src]
-                    return not pending
-
-                await self._poll(attempt, lambda: f"shuffle {base} (waiting for ranks "
-                                                  f"{sorted(pending)})", timeout)
-                return [got[src] for src in range(self.size)]
-
-        self.comm = RedisShuffle(self.cfg["redis_url"], self.rank, self.n, self.cfg["prefix"],
-                                 timeout=self.timeout, poll_spin=self.cfg["poll_spin"],
-                                 poll_sleep=self.cfg["poll_sleep"])
-        await self.comm.__aenter__()
+class CommExchange(Exchange):
+    """An exchange whose ``open`` sets ``self.comm``, a bench._common.PollingComm (and maybe
+    ``self.store``, closed after it); a round is the comm's ``shuffle_parts`` of the records
+    partitioned by key class."""
 
     async def barrier(self) -> None:
         await self.comm.barrier(timeout=self.timeout)
@@ -256,33 +224,22 @@ class RedisExchange(Exchange):
         return await self.comm.shuffle_parts(partition_records(chunk, self.n), self.timeout)
 
     async def close(self) -> None:
-        if hasattr(self, "comm"):
-            await self.comm.aclose()
+        await close_comm(self)
 
 
-class S3Exchange(Exchange):
+class RedisExchange(CommExchange):
     async def open(self) -> None:
-        from bench.s3_backend import S3Comm, open_s3_store
-        self.store = open_s3_store(self.cfg["s3_bucket"], self.cfg["s3_settings"],
-                                   pool=max(10, 2 * self.n))
-        self.comm = S3Comm(self.store, self.rank, self.n, self.cfg["prefix"],
-                           timeout=self.timeout, poll_spin=self.cfg["poll_spin"],
-                           poll_sleep=self.cfg["poll_sleep"], poll_max=self.cfg["poll_max"])
+        from bench.redis_backend import RedisComm
+        self.comm = RedisComm.from_cfg(self.cfg, self.rank, self.n, self.timeout)
         await self.comm.__aenter__()
 
-    async def barrier(self) -> None:
-        await self.comm.barrier(timeout=self.timeout)
 
-    async def round(self, chunk: np.ndarray) -> list[np.ndarray]:
-        return await self.comm.shuffle_parts(partition_records(chunk, self.n), self.timeout)
-
-    async def close(self) -> None:
-        try:
-            if hasattr(self, "comm"):
-                await self.comm.aclose()
-        finally:
-            if hasattr(self, "store"):
-                await self.store.aclose()
+class S3Exchange(CommExchange):
+    async def open(self) -> None:
+        from bench.s3_backend import S3Comm, open_cfg_store
+        self.store = open_cfg_store(self.cfg, self.n)
+        self.comm = S3Comm.from_cfg(self.store, self.cfg, self.rank, self.n, self.timeout)
+        await self.comm.__aenter__()
 
 
 EXCHANGES = {"zipcomm": ZipcommExchange, "zipcomm-daemon": ZipcommExchange,  # + ZIPCOMM_DAEMON
@@ -369,17 +326,9 @@ def main(argv: list[str]) -> int:
         await asyncio.wait_for(run(cfg, state), timeout=cfg["timeout"])
 
     try:
-        if cfg.get("loop") == "uvloop":
-            import uvloop
-            uvloop.run(body())
-        else:
-            asyncio.run(body())
+        run_on_loop(body, cfg.get("loop"))
     except BaseException as exc:  # report everything, including timeouts and wrong answers
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and not str(exc):
-            exc = TimeoutError(f"timed out after the worker deadline of {cfg['timeout']:.0f}s")
-        emit(type="error", rank=cfg["rank"], phase=state["phase"],
-             error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc(file=sys.stderr)
+        report_error(cfg, state["phase"], exc)
         return EXIT_ERROR
     return 0
 

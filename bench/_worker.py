@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from bench._common import close_comm, emit, report_error, run_on_loop
+
 EXIT_ERROR, EXIT_UNAVAILABLE = 2, 3
 
 
@@ -44,10 +46,6 @@ class Unavailable(Exception):
 
 class WrongResult(Exception):
     """An operation returned a wrong answer."""
-
-
-def emit(**record: Any) -> None:
-    print(json.dumps(record), flush=True)
 
 
 class Deadline:
@@ -116,13 +114,9 @@ class WorkerBackend:
         ranks too if the launcher does not (mpirun's ranks: MPI_Abort)."""
 
 
-class RedisBackend(WorkerBackend):
-    async def open(self) -> None:
-        from bench.redis_backend import RedisComm
-        self.comm = RedisComm(self.cfg["redis_url"], self.rank, self.cfg["n"], self.cfg["prefix"],
-                              timeout=self.dl.seconds, poll_spin=self.cfg["poll_spin"],
-                              poll_sleep=self.cfg["poll_sleep"])
-        await self.comm.__aenter__()
+class CommBackend(WorkerBackend):
+    """A backend whose ``open`` sets ``self.comm``, a bench._common.PollingComm (and maybe
+    ``self.store``, closed after it): the operations are the comm's, root 0, ``np.add``."""
 
     async def barrier(self) -> None:
         await self.comm.barrier(timeout=self.dl.left())
@@ -141,8 +135,14 @@ class RedisBackend(WorkerBackend):
         return await self.comm.shuffle(x, timeout=self.dl.left())
 
     async def close(self) -> None:
-        if hasattr(self, "comm"):
-            await self.comm.aclose()
+        await close_comm(self)
+
+
+class RedisBackend(CommBackend):
+    async def open(self) -> None:
+        from bench.redis_backend import RedisComm
+        self.comm = RedisComm.from_cfg(self.cfg, self.rank, self.n, self.dl.seconds)
+        await self.comm.__aenter__()
 
 
 class ZipcommBackend(WorkerBackend):
@@ -335,20 +335,12 @@ def main(argv: list[str]) -> int:
         await asyncio.wait_for(run(cfg, dl, state), timeout=cfg["timeout"])
 
     try:
-        if cfg.get("loop") == "uvloop":
-            import uvloop
-            uvloop.run(body())
-        else:
-            asyncio.run(body())
+        run_on_loop(body, cfg.get("loop"))
     except Unavailable as exc:
         emit(type="unavailable", rank=cfg["rank"], error=str(exc))
         return EXIT_UNAVAILABLE
     except BaseException as exc:  # report everything, including timeouts and wrong answers
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and not str(exc):
-            exc = TimeoutError(f"timed out after the worker deadline of {cfg['timeout']:.0f}s")
-        emit(type="error", rank=cfg["rank"], phase=state["phase"],
-             error=f"{type(exc).__name__}: {exc}")
-        traceback.print_exc(file=sys.stderr)
+        report_error(cfg, state["phase"], exc)
         sys.stderr.flush()
         if state.get("backend") is not None:
             state["backend"].abort()

@@ -12,6 +12,8 @@ an external store: the sender SETs a key, the receivers poll GET until the key i
 * ``shuffle``: each rank partitions its int64 array by ``arr % size`` (bench/_partition.py,
   vectorized: a radix ``argsort(kind="stable")`` over an 8/16-bit bucket array), SETs one key per destination in one
   pipeline, then polls GETDEL for the parts sent to it and concatenates them in source order.
+  :meth:`RedisComm.shuffle_parts` is the same exchange for parts the caller partitioned itself
+  (bench/sort.py sends rows of records).
 * ``barrier``: INCR + BLPOP (event-driven, not polled) - the benchmark uses it between rounds.
 
 Membership is fixed: ``size`` ranks that know their ``rank``.  Keys are ``prefix:seq:...`` where
@@ -25,19 +27,20 @@ zero-copy with ``np.frombuffer``); any other object is msgpack in the body.
 Polling: the first ``poll_spin`` seconds of a wait re-poll back to back (one round trip each, so
 small operations finish with round-trip latency); after that the poller sleeps ``poll_sleep``
 between polls so that waiting ranks do not steal the CPU from the Redis server and the senders.
+What RedisComm shares with bench/s3_backend.py's S3Comm (polling, background clean-ups,
+allreduce, shuffle) is bench/_common.py's PollingComm.
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
-import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
 import redis.asyncio as aioredis
 
+from bench._common import PollingComm
 from bench._partition import partition  # shared with the mpi and gloo backends
 
 __all__ = ["RedisComm", "RedisCommTimeout", "encode", "decode", "partition"]
@@ -88,71 +91,41 @@ def _combine(op: Callable, acc: Any, part: Any, owned: bool) -> Any:
     return op(acc, part)
 
 
-class RedisComm:
+class RedisComm(PollingComm):
     """Broadcast / reduce / allreduce / shuffle among ``size`` fixed ranks through one Redis."""
+
+    SEP, TIMEOUT, STORED = ":", RedisCommTimeout, "key"
 
     def __init__(self, url: str, rank: int, size: int, prefix: str, *, timeout: float = 60.0,
                  poll_spin: float = 0.005, poll_sleep: float = 0.001) -> None:
-        if not 0 <= rank < size:
-            raise ValueError(f"rank {rank} not in [0, {size})")
-        self.url, self.rank, self.size, self.prefix = url, rank, size, prefix
-        self.timeout, self.poll_spin, self.poll_sleep = timeout, poll_spin, poll_sleep
+        super().__init__(rank, size, prefix, timeout=timeout, poll_spin=poll_spin,
+                         poll_sleep=poll_sleep)
+        self.url = url
         # One connection for the collectives (single_connection_client skips the pool: about 50
         # us less per command) and a pooled client for the background clean-ups.
         # Blocking reads (BLPOP, big GETs) may take long: the socket timeout is the deadline's.
         self.r = aioredis.Redis.from_url(url, single_connection_client=True,
                                          socket_timeout=timeout + 5)
         self._bg_r = aioredis.Redis.from_url(url, socket_timeout=timeout + 5)
-        self._seq = 0
-        self._background: set[asyncio.Task] = set()
-        self._errors: list[BaseException] = []
 
-    async def __aenter__(self) -> "RedisComm":
+    @classmethod
+    def from_cfg(cls, cfg: dict, rank: int, size: int, timeout: float) -> "RedisComm":
+        """A RedisComm from a worker config's ``redis_url``, ``prefix`` and poll settings."""
+        return cls(cfg["redis_url"], rank, size, cfg["prefix"], timeout=timeout,
+                   poll_spin=cfg["poll_spin"], poll_sleep=cfg["poll_sleep"])
+
+    async def _ping(self) -> None:
         await self.r.ping()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Finish the background clean-ups (ack / delete), then close the connections."""
         try:
-            if self._background:
-                await asyncio.gather(*self._background, return_exceptions=True)
-            if self._errors:
-                raise RuntimeError(f"rank {self.rank}: key clean-up failed: {self._errors[0]!r}")
+            await self._finish_background()
         finally:
             await self.r.aclose()
             await self._bg_r.aclose()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _next(self) -> str:
-        self._seq += 1
-        return f"{self.prefix}:{self._seq}"
-
-    async def _poll(self, attempt: Callable[[], Awaitable[bool]], what: Callable[[], str],
-                    timeout: float | None) -> None:
-        """Repeat ``attempt`` (one round trip) until it reports success or the deadline passes."""
-        start = time.perf_counter()
-        limit = self.timeout if timeout is None else timeout
-        while not await attempt():
-            now = time.perf_counter()
-            if now - start > limit:
-                raise RedisCommTimeout(f"rank {self.rank}/{self.size}: {what()} not complete "
-                                       f"after {limit:.1f}s")
-            if now - start > self.poll_spin:
-                await asyncio.sleep(self.poll_sleep)
-
-    def _in_background(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-
-        def done(t: asyncio.Task) -> None:
-            self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                self._errors.append(t.exception())
-        task.add_done_callback(done)
-
     async def _getdel_pending(self, keys: dict[int, str]) -> dict[int, bytes]:
         """One pipelined round trip: GETDEL every key; return those that were present."""
         pipe = self.r.pipeline(transaction=False)
@@ -223,30 +196,20 @@ class RedisComm:
                                           f"{sorted(pending)})", timeout)
         return acc
 
-    async def allreduce(self, obj: Any, op: Callable = np.add, timeout: float | None = None) -> Any:
-        """Reduce to rank 0, then broadcast the result from rank 0."""
-        result = await self.reduce(obj, op=op, root=0, timeout=timeout)
-        return await self.broadcast(result, root=0, timeout=timeout)
-
-    async def shuffle(self, arr: np.ndarray, n: int | None = None,
-                      hash_function: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                      timeout: float | None = None) -> np.ndarray:
-        """Send every item to rank ``hash_function(item, n)`` (default ``item % n``); return the
-        items sent to this rank (own part first in source order, i.e. sources 0..size-1)."""
-        n = self.size if n is None else n
-        if n != self.size:
-            raise ValueError(f"shuffle over {n} receivers but {self.size} ranks (all are BOTH)")
+    async def shuffle_parts(self, parts: list[np.ndarray],
+                            timeout: float | None = None) -> list[np.ndarray]:
+        """All-to-all: ``parts[d]`` goes to rank ``d`` (SET in one pipeline, then poll GETDEL);
+        return the parts sent to this rank, one per source rank (its own part as given)."""
+        self._check_parts(parts)
         base = self._next() + ":s"
-        parts = partition(np.asarray(arr), n, hash_function)
-        if self.size == 1:
-            return parts[0].copy()
         pipe = self.r.pipeline(transaction=False)
         for dst, part in enumerate(parts):
             if dst != self.rank:
                 pipe.set(f"{base}:{self.rank}:{dst}", encode(part))
         await pipe.execute()
         got: dict[int, np.ndarray] = {self.rank: parts[self.rank]}
-        pending = {src: f"{base}:{src}:{self.rank}" for src in range(n) if src != self.rank}
+        pending = {src: f"{base}:{src}:{self.rank}" for src in range(self.size)
+                   if src != self.rank}
 
         async def attempt() -> bool:
             for src, value in (await self._getdel_pending(pending)).items():
@@ -256,4 +219,4 @@ class RedisComm:
 
         await self._poll(attempt, lambda: f"shuffle {base} (waiting for ranks {sorted(pending)})",
                          timeout)
-        return np.concatenate([got[src] for src in range(n)])
+        return [got[src] for src in range(self.size)]

@@ -40,27 +40,27 @@ and the raw array bytes; no pickle).
 Polling: the first ``poll_spin`` seconds of a wait re-poll back to back; after that the poller
 sleeps between requests, ``poll_sleep`` at first and twice as long after every empty poll up to
 ``poll_max``, so that waiting ranks do not flood the server (one Python process here) while it
-serves the transfers.
+serves the transfers.  The polling, the background clean-ups, allreduce and shuffle are
+bench/_common.py's PollingComm, shared with bench/redis_backend.py's RedisComm.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from bench._backends import Backend, package_version
-from bench._partition import partition
+from bench._backends import Backend, leak_check, package_version, s3_worker_cfg
+from bench._common import PollingComm
 from bench._services import S3Server, ServiceError
-from bench._worker import Unavailable, WorkerBackend
+from bench._worker import CommBackend, Unavailable
 from bench.redis_backend import _combine, decode, encode
 
-__all__ = ["S3Comm", "S3CommTimeout", "S3", "S3Backend", "open_s3_store"]
+__all__ = ["S3Comm", "S3CommTimeout", "S3", "S3Backend", "open_s3_store", "open_cfg_store"]
 
 
 class S3CommTimeout(TimeoutError):
@@ -81,71 +81,44 @@ def open_s3_store(bucket: str, settings: dict, pool: int = 16) -> Any:
                    client_kwargs=dict(settings, config=config))
 
 
-class S3Comm:
+def open_cfg_store(cfg: dict, size: int) -> Any:
+    """:func:`open_s3_store` on a worker config's ``s3_bucket`` and ``s3_settings``, with 2
+    connections per rank of ``size`` (at least 10)."""
+    return open_s3_store(cfg["s3_bucket"], cfg["s3_settings"], pool=max(10, 2 * size))
+
+
+class S3Comm(PollingComm):
     """Broadcast / reduce / allreduce / shuffle among ``size`` fixed ranks through one bucket.
 
     ``store`` is a ``cirrus.storage.S3Store`` (or any ``cirrus.storage.Store``: the operations
     use only put / get / list / delete); it is not closed by :meth:`aclose`.
     """
 
+    SEP, TIMEOUT, STORED = "/", S3CommTimeout, "object"
+
     def __init__(self, store: Any, rank: int, size: int, prefix: str, *, timeout: float = 60.0,
                  poll_spin: float = 0.002, poll_sleep: float = 0.005,
                  poll_max: float = 0.05) -> None:
-        if not 0 <= rank < size:
-            raise ValueError(f"rank {rank} not in [0, {size})")
+        super().__init__(rank, size, prefix, timeout=timeout, poll_spin=poll_spin,
+                         poll_sleep=poll_sleep, poll_max=poll_max)
         if not prefix or prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"prefix must be a non-empty relative key, got {prefix!r}")
-        self.store, self.rank, self.size, self.prefix = store, rank, size, prefix
-        self.timeout, self.poll_spin, self.poll_sleep = timeout, poll_spin, poll_sleep
-        self.poll_max = max(poll_max, poll_sleep)
-        self._seq = 0
-        self._background: set[asyncio.Task] = set()
-        self._errors: list[BaseException] = []
+        self.store = store
 
-    async def __aenter__(self) -> "S3Comm":
+    @classmethod
+    def from_cfg(cls, store: Any, cfg: dict, rank: int, size: int, timeout: float) -> "S3Comm":
+        """An S3Comm on ``store`` from a worker config's ``prefix`` and poll settings."""
+        return cls(store, rank, size, cfg["prefix"], timeout=timeout, poll_spin=cfg["poll_spin"],
+                   poll_sleep=cfg["poll_sleep"], poll_max=cfg["poll_max"])
+
+    async def _ping(self) -> None:
         await self.store.list(self.prefix + "/")  # reachable, bucket exists
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Finish the background acks and deletions (the store stays open)."""
-        if self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
-        if self._errors:
-            raise RuntimeError(f"rank {self.rank}: object clean-up failed: {self._errors[0]!r}")
+        await self._finish_background()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _next(self) -> str:
-        self._seq += 1
-        return f"{self.prefix}/{self._seq}"
-
-    async def _poll(self, attempt: Callable[[], Awaitable[bool]], what: Callable[[], str],
-                    timeout: float | None) -> None:
-        """Repeat ``attempt`` (one or a few requests) until it reports success or the deadline."""
-        start = time.perf_counter()
-        limit = self.timeout if timeout is None else timeout
-        pause = self.poll_sleep
-        while not await attempt():
-            now = time.perf_counter()
-            if now - start > limit:
-                raise S3CommTimeout(f"rank {self.rank}/{self.size}: {what()} not complete "
-                                    f"after {limit:.1f}s")
-            if now - start > self.poll_spin:
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, self.poll_max)
-
-    def _in_background(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-
-        def done(t: asyncio.Task) -> None:
-            self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                self._errors.append(t.exception())
-        task.add_done_callback(done)
-
     async def _delete(self, keys: list[str]) -> None:
         await asyncio.gather(*(self.store.delete(k) for k in keys))
 
@@ -242,30 +215,11 @@ class S3Comm:
                                 f"waiting for ranks {sorted(pending.values())})", timeout)
         return state["acc"]
 
-    async def allreduce(self, obj: Any, op: Callable = np.add, timeout: float | None = None) -> Any:
-        """Reduce to rank 0, then broadcast the result from rank 0."""
-        result = await self.reduce(obj, op=op, root=0, timeout=timeout)
-        return await self.broadcast(result, root=0, timeout=timeout)
-
-    async def shuffle(self, arr: np.ndarray, n: int | None = None,
-                      hash_function: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                      timeout: float | None = None) -> np.ndarray:
-        """Send every item to rank ``hash_function(item, n)`` (default ``item % n``); return the
-        items sent to this rank (in source order, sources 0..size-1)."""
-        n = self.size if n is None else n
-        if n != self.size:
-            raise ValueError(f"shuffle over {n} receivers but {self.size} ranks (all are BOTH)")
-        parts = partition(np.asarray(arr), n, hash_function)
-        if self.size == 1:
-            return parts[0].copy()
-        return np.concatenate(await self.shuffle_parts(parts, timeout=timeout))
-
     async def shuffle_parts(self, parts: list[np.ndarray],
                             timeout: float | None = None) -> list[np.ndarray]:
         """All-to-all: ``parts[d]`` goes to rank ``d``; return the parts sent to this rank, one
         per source rank (its own part is returned as given, not copied)."""
-        if len(parts) != self.size:
-            raise ValueError(f"{len(parts)} parts for {self.size} ranks")
+        self._check_parts(parts)
         base = self._next() + "/s"
         await asyncio.gather(*(self._publish(f"{base}/{dst}", str(self.rank), part)
                                for dst, part in enumerate(parts) if dst != self.rank))
@@ -281,43 +235,16 @@ class S3Comm:
         return [got[src] for src in range(self.size)]
 
 
-class S3Backend(WorkerBackend):
+class S3Backend(CommBackend):
     """One rank (bench._worker protocol)."""
 
     async def open(self) -> None:
         try:
-            self.store = open_s3_store(self.cfg["s3_bucket"], self.cfg["s3_settings"],
-                                       pool=max(10, 2 * self.n))
+            self.store = open_cfg_store(self.cfg, self.n)
         except ImportError as exc:
             raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        self.comm = S3Comm(self.store, self.rank, self.n, self.cfg["prefix"],
-                           timeout=self.dl.seconds, poll_spin=self.cfg["poll_spin"],
-                           poll_sleep=self.cfg["poll_sleep"], poll_max=self.cfg["poll_max"])
+        self.comm = S3Comm.from_cfg(self.store, self.cfg, self.rank, self.n, self.dl.seconds)
         await self.comm.__aenter__()
-
-    async def barrier(self) -> None:
-        await self.comm.barrier(timeout=self.dl.left())
-
-    async def broadcast(self, payload: np.ndarray) -> Any:
-        return await self.comm.broadcast(payload if self.rank == 0 else None, root=0,
-                                         timeout=self.dl.left())
-
-    async def reduce(self, x: np.ndarray) -> Any:
-        return await self.comm.reduce(x, op=np.add, root=0, timeout=self.dl.left())
-
-    async def allreduce(self, x: np.ndarray) -> Any:
-        return await self.comm.allreduce(x, op=np.add, timeout=self.dl.left())
-
-    async def shuffle(self, x: np.ndarray) -> np.ndarray:
-        return await self.comm.shuffle(x, timeout=self.dl.left())
-
-    async def close(self) -> None:
-        try:
-            if hasattr(self, "comm"):
-                await self.comm.aclose()
-        finally:
-            if hasattr(self, "store"):
-                await self.store.aclose()
 
 
 class S3(Backend):
@@ -364,19 +291,9 @@ class S3(Backend):
         return {"moto": package_version("moto"), "aiobotocore": package_version("aiobotocore")}
 
     def worker_cfg(self) -> dict:
-        return dict(s3_bucket=self.bucket, s3_settings=self.server.client_settings(),
-                    poll_spin=self.args.s3_poll_spin_ms / 1e3,
-                    poll_sleep=self.args.s3_poll_sleep_ms / 1e3,
-                    poll_max=self.args.s3_poll_max_ms / 1e3)
+        return s3_worker_cfg(self.bucket, self.server.client_settings(), self.args)
 
-    @contextlib.contextmanager
-    def cell(self, cell: dict, cfg: dict) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            try:  # a leak check; also empties the cell's prefix
-                cell["s3_keys_left"] = self.server.keys_left(self.bucket, cfg["prefix"] + "/")
-            except Exception as exc:  # the server died: note it, the next cells will fail too
-                cell["s3_keys_left"] = None
-                cell["error"] = cell["error"] or f"moto server unreachable after the cell: {exc}"
-                cell["status"] = "failed"
+    def cell(self, cell: dict, cfg: dict) -> contextlib.AbstractContextManager[None]:
+        # a leak check; also empties the cell's prefix
+        return leak_check(cell, "s3_keys_left", "moto server",
+                          lambda: self.server.keys_left(self.bucket, cfg["prefix"] + "/"))

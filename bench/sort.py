@@ -44,7 +44,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,8 +51,11 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import _launch  # noqa: E402
+from bench._backends import redis_worker_cfg, s3_worker_cfg  # noqa: E402
+from bench._report import records  # noqa: E402
 from bench._services import (ROOT, Controller, Daemon, RedisServer, S3Server,  # noqa: E402
-                             ServiceError, child_env, zipcomm_import_error)
+                             ServiceError, zipcomm_import_error)
 from cirrus.errors import StorageError  # noqa: E402
 
 RECORD = 100
@@ -63,7 +65,7 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
          "kib": 2**10, "mib": 2**20, "gib": 2**30}
 PHASES = ("load", "shuffle", "sort", "write")
 GRACE = 20.0
-_LIVE: set[asyncio.subprocess.Process] = set()
+SORT_WORKER = [sys.executable, "-m", "bench._sort_worker"]
 
 
 class SortError(Exception):
@@ -203,51 +205,12 @@ async def delete_prefix(store_uri: str, prefix: str) -> int:
     return len(keys)
 
 
-def records(stdout: bytes) -> list[dict]:
-    out = []
-    for line in stdout.decode(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "type" in rec:
-            out.append(rec)
-    return out
-
-
 async def run_workers(cfgs: list[dict], timeout: float, env: dict[str, str]) -> list[tuple]:
     """Run one ``bench._sort_worker`` per config; kill all as soon as one fails or the deadline
     passes.  Returns (returncode, stdout, stderr) per worker."""
-    procs: list[asyncio.subprocess.Process] = []
-    loop = asyncio.get_running_loop()
-    try:
-        for cfg in cfgs:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench._sort_worker", json.dumps(cfg), cwd=ROOT,
-                env=child_env(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE)
-            procs.append(proc)
-            _LIVE.add(proc)
-        tasks = [asyncio.ensure_future(p.communicate()) for p in procs]
-        pending, end, stop = set(tasks), loop.time() + timeout, False
-        while pending and not stop:
-            done, pending = await asyncio.wait(pending, timeout=max(0.0, end - loop.time()),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            stop = not done or any(procs[tasks.index(t)].returncode != 0 for t in done)
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-        results = await asyncio.gather(*tasks)
-        return [(p.returncode, o, e) for p, (o, e) in zip(procs, results)]
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                try:
-                    proc.kill()
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
-            _LIVE.discard(proc)
+    outputs, _failed, _failure = await _launch.run_workers(cfgs, timeout, env,
+                                                           worker=SORT_WORKER)
+    return outputs
 
 
 def evaluate(outputs: list[tuple], n: int, expected: dict, timeout: float) -> dict:
@@ -341,14 +304,10 @@ class Services:
                     raise ServiceError(f"the s3:// store needs the moto server: {exc}") from exc
 
     def cfg(self, backend: str) -> dict:
-        a = self.args
         if backend == "redis":
-            return dict(redis_url=self.redis.url, poll_spin=a.redis_poll_spin_ms / 1e3,
-                        poll_sleep=a.redis_poll_sleep_ms / 1e3)
+            return redis_worker_cfg(self.redis.url, self.args)
         if backend == "s3":
-            return dict(s3_bucket=self.bucket, s3_settings=self.s3.client_settings(),
-                        poll_spin=a.s3_poll_spin_ms / 1e3, poll_sleep=a.s3_poll_sleep_ms / 1e3,
-                        poll_max=a.s3_poll_max_ms / 1e3)
+            return s3_worker_cfg(self.bucket, self.s3.client_settings(), self.args)
         return {}
 
     def leftovers(self, backend: str, prefix: str) -> int:
@@ -476,11 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             fatal = f"{type(exc).__name__}: {exc}"
             print(f"error: {fatal}", flush=True)
         finally:
-            for proc in list(_LIVE):  # only our own workers, by pid
-                try:
-                    proc.kill()
-                except ProcessLookupError:
-                    pass
+            _launch.kill_live()  # only our own workers, by pid
             loadavg_end = list(os.getloadavg())
             if generated:
                 try:

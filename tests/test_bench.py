@@ -19,6 +19,27 @@ BASES = ("zipcomm", "zipcomm-daemon")
 PEERS = ("redis", "mpi", "gloo")
 
 
+def run_bench(script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python bench/<script> <args>`` in the repository, its output captured as text; the test
+    fails if it does not finish within ``timeout`` seconds."""
+    try:
+        return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"bench/{script} {' '.join(args)} did not finish within {timeout:.0f} s; "
+                    f"output so far:\n{exc.stdout}\n{exc.stderr}")
+
+
+def run_bench_ok(script: str, args: list[str],
+                 timeout: float) -> tuple[subprocess.CompletedProcess, str]:
+    """:func:`run_bench`, and the test fails unless it exits with 0; returns the process and its
+    stdout and stderr as one text (for assertion messages)."""
+    proc = run_bench(script, args, timeout)
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    return proc, report
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_comm_bench_quick_all_backends(tmp_path: Path) -> None:
@@ -32,16 +53,8 @@ def test_comm_bench_quick_all_backends(tmp_path: Path) -> None:
     assert not missing, f"bench/comm.py's peers are not installed: {', '.join(missing)} " \
                         f"(.ci/run installs them)"
     out = tmp_path / "comm.json"
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "comm.py"), "--quick",
-             "--backends", ",".join(BACKENDS), "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=200)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench/comm.py --quick did not finish within 200 s; output so far:\n"
-                    f"{exc.stdout}\n{exc.stderr}")
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == 0, report
+    proc, report = run_bench_ok("comm.py", ["--quick", "--backends", ",".join(BACKENDS),
+                                            "--out", str(out)], timeout=200)
 
     data = json.loads(out.read_text())
     machine = data["machine"]

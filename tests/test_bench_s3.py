@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from test_bench import run_bench_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -22,16 +23,8 @@ QUICK_CELLS += [("shuffle", "10K int64")]
 @pytest.mark.timeout(240)
 def test_comm_bench_quick_s3(tmp_path: Path) -> None:
     out = tmp_path / "comm.json"
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "comm.py"), "--quick", "--backends",
-             "zipcomm,s3", "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True, timeout=220)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench/comm.py --quick --backends zipcomm,s3 did not finish within 220 s; "
-                    f"output so far:\n{exc.stdout}\n{exc.stderr}")
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == 0, report
+    proc, report = run_bench_ok("comm.py", ["--quick", "--backends", "zipcomm,s3",
+                                            "--out", str(out)], timeout=220)
     data = json.loads(out.read_text())
     assert data["machine"]["moto"] and data["machine"]["aiobotocore"], data["machine"]
     cells = {(c["backend"], c["op"], c["size"]): c for c in data["cells"]}

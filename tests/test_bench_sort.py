@@ -3,26 +3,16 @@ not how fast); the record helpers it relies on are exact."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from test_bench import run_bench, run_bench_ok
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-SORT = [sys.executable, str(ROOT / "bench" / "sort.py")]
-
-
-def _run(args: list[str], timeout: float = 220) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(SORT + args, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"bench/sort.py {' '.join(args)} did not finish within {timeout:.0f} s; "
-                    f"output so far:\n{exc.stdout}\n{exc.stderr}")
 
 
 @pytest.mark.slow
@@ -30,10 +20,10 @@ def _run(args: list[str], timeout: float = 220) -> subprocess.CompletedProcess:
 def test_sort_bench_tiny_all_backends(tmp_path: Path) -> None:
     out = tmp_path / "sort.json"
     # 3 MB over 3 workers in rounds of 300 KB: 4 shuffle rounds, 2 input objects per worker
-    proc = _run(["--size", "3MB", "--workers", "3", "--reps", "2", "--chunk", "300KB",
-                 "--block-size", "600KB", "--store", str(tmp_path / "store"), "--out", str(out)])
-    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == 0, report
+    proc, report = run_bench_ok("sort.py", ["--size", "3MB", "--workers", "3", "--reps", "2",
+                                            "--chunk", "300KB", "--block-size", "600KB",
+                                            "--store", str(tmp_path / "store"), "--out", str(out)],
+                                timeout=220)
     data = json.loads(out.read_text())
     assert data["unavailable"] == {}, data["unavailable"]
     assert data["layout"]["rounds"] == 4 and data["layout"]["blocks"] == 2, data["layout"]
@@ -56,9 +46,9 @@ def test_sort_bench_tiny_all_backends(tmp_path: Path) -> None:
 def test_sort_bench_s3_store(tmp_path: Path) -> None:
     """--store s3://...: records read from and written to S3 (the run's own moto server)."""
     out = tmp_path / "sort.json"
-    proc = _run(["--size", "1MB", "--workers", "2", "--reps", "1", "--backends", "zipcomm",
-                 "--store", "s3://sort-data/records", "--out", str(out)], timeout=160)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    run_bench_ok("sort.py", ["--size", "1MB", "--workers", "2", "--reps", "1", "--backends",
+                             "zipcomm", "--store", "s3://sort-data/records", "--out", str(out)],
+                 timeout=160)
     data = json.loads(out.read_text())
     assert data["summary"]["zipcomm"]["ok"] == 1, data["summary"]
 
@@ -68,7 +58,7 @@ def test_sort_bench_bad_arguments() -> None:
                           (["--size", "12parsecs"], "bad size"),
                           (["--workers", "0"], "--workers must be"),
                           (["--store", "ftp://x/y"], "unsupported URI")):
-        proc = _run(args, timeout=60)
+        proc = run_bench("sort.py", args, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
 
 
