@@ -178,3 +178,268 @@ async def test_members_join_while_others_loop_allreduce(seed: int) -> None:
         finally:
             for rt in runtimes:
                 await rt.aclose()
+
+
+# A member process that calls sys.exit mid-work: asyncio.run cancels every task (the
+# runtime's session loop and peer readers too) and the application's clean-up then
+# closes the runtime; the blocking facade closes it from its atexit hook.
+_EXIT_ASYNC = """
+import asyncio, sys, numpy as np, zipcomm
+
+async def main():
+    rt = await zipcomm.connect(sys.argv[1])
+    bc = await rt.broadcast_channel("b")
+    rc = await rt.reduce_channel("r", zipcomm.SUM)
+    pending = asyncio.ensure_future(rc.allreduce(np.ones(3), timeout=60))  # a round under way
+
+    async def exit_on_cue():
+        await bc.receive(timeout=60)
+        raise SystemExit(3)
+
+    cue = asyncio.ensure_future(exit_on_cue())
+    try:
+        print("joined", flush=True)
+        await asyncio.gather(pending, cue)
+    finally:
+        await rt.aclose()
+
+asyncio.run(main())
+"""
+
+_EXIT_SYNC = """
+import sys, threading, numpy as np, zipcomm, zipcomm.sync
+zipcomm.sync.configure(sys.argv[1])
+bc = zipcomm.BroadcastChannel("b")
+rc = zipcomm.ReduceChannel("r", zipcomm.SUM)
+threading.Thread(target=lambda: rc.allreduce(np.ones(3), timeout=60), daemon=True).start()
+print("joined", flush=True)
+bc.receive(timeout=60)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("api", ["asyncio", "blocking"])
+async def test_a_member_calling_sys_exit_mid_round_exits_promptly(api: str) -> None:
+    import sys
+    import time
+
+    code = _EXIT_ASYNC if api == "asyncio" else _EXIT_SYNC
+    async with zipcomm.Controller("127.0.0.1:0", heartbeat=0.2, heartbeat_timeout=1.0) as ctl:
+        async with zipcomm.connect(ctl.address) as a, zipcomm.connect(ctl.address) as b:
+            ba = await a.broadcast_channel("b")
+            ra = await a.reduce_channel("r", zipcomm.SUM)  # the root of both trees
+            rb = await b.reduce_channel("r", zipcomm.SUM)
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, ctl.address,
+                                                        stdout=asyncio.subprocess.PIPE)
+            try:
+                assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"joined"
+                await ba.send(np.zeros(1))  # the cue: it calls sys.exit(3) with its round under way
+                t0 = time.monotonic()
+                assert await asyncio.wait_for(proc.wait(), 5.0) == 3
+                assert time.monotonic() - t0 < 5.0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            # Its round completes with or without it (fully in or fully out); the next
+            # ones without it.
+            for expect in ({2, 3}, {2}):
+                got = await asyncio.gather(ra.allreduce(np.ones(3), timeout=10, with_contributors=True),
+                                           rb.allreduce(np.ones(3), timeout=10, with_contributors=True))
+                (va, ca), (vb, cb) = got
+                assert ca == cb and len(ca) in expect and va.tolist() == [float(len(ca))] * 3
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_allreduce_across_a_controller_restart_drops_no_live_contributor(seed: int) -> None:
+    """The controller is killed (-9) mid-allreduce and restarted without its state: the
+    first member to re-announce the channel is the new root, alone at first. The
+    rounds under way and the next ones still count every live member exactly once,
+    and none hangs."""
+    import random
+
+    from zipcomm.testing.cluster import ControllerProcess
+    from zipcomm.testing.wait import until
+
+    rng = random.Random(seed)
+    n, rounds = 5, 12
+    ctl = ControllerProcess("--heartbeat", "0.2", "--heartbeat-timeout", "1.0", "--fanout", "2")
+    runtimes: list = []
+    try:
+        address = await ctl.start()
+        runtimes = [await zipcomm.connect(address) for _ in range(n)]
+        channels = [await rt.reduce_channel("r", zipcomm.SUM) for rt in runtimes]
+        ids = sorted(rt.member_id for rt in runtimes)
+        done = [0] * n
+
+        async def member(i: int) -> list:
+            out = []
+            for _ in range(rounds):
+                vec = np.zeros(n, dtype=np.int64)
+                vec[i] = 1
+                value, contributors = await channels[i].allreduce(vec, timeout=20, with_contributors=True)
+                out.append((value.tolist(), sorted(contributors)))
+                done[i] += 1
+            return out
+
+        work = asyncio.ensure_future(asyncio.gather(*(member(i) for i in range(n))))
+        try:
+            await until(lambda: max(done) >= rng.randint(1, 4), "a few rounds", limit=20)
+            await ctl.kill()
+            await ctl.restart()
+            results = await asyncio.wait_for(asyncio.shield(work), 40)
+        finally:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+        for i, out in enumerate(results):
+            for k, (vector, contributors) in enumerate(out):
+                assert contributors == ids, f"member {i} round {k}: counted {len(contributors)} of {n}"
+                assert vector == [1] * n, f"member {i} round {k}: {vector}"
+    finally:
+        for rt in runtimes:
+            await rt.aclose()
+        await ctl.stop()
+
+
+class _StubRuntime:
+    """Just enough runtime for one channel core driven message by message."""
+
+    def __init__(self, member: int) -> None:
+        self.member_id = member
+        self.address = f"127.0.0.1:{member}"
+        self.heartbeat_timeout = 1.0
+        self.sent: list = []
+        self.tasks: set = set()
+
+    def send_to(self, member: int, address: str, msg) -> None:
+        self.sent.append((member, msg))
+
+    def _spawn(self, coro, name: str):
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def drain_to(self, member: int) -> None:
+        pass
+
+
+async def test_a_childs_first_piece_that_overtakes_our_rewiring_still_counts() -> None:
+    """Member A is X's child; X's parent (the root) dies and the controller makes A the
+    root with X as its child. X learns first: its link and its first piece of the round
+    reach A while A still takes X for its parent. The piece must count as X's first
+    piece once A's re-wiring lands; taken as a stranger's, the round waited for X for
+    ever (chaos scenario reduce_kill_root)."""
+    from zipcomm.channels.reduce import ReduceChannel
+    from zipcomm.protocol import messages as msg
+
+    A, X, Y, DEAD = 0x41, 0x58, 0x59, 0x44
+    wire = lambda member: [member, f"127.0.0.1:{member}", "h", "member"]  # noqa: E731
+    rt = _StubRuntime(A)
+    ch = ReduceChannel(rt, "r", reduce_f=zipcomm.SUM)
+    ch.on_rewire(msg.Rewire(channel="r", epoch=6, parent=wire(X), children=[], depth=2, term=1))
+    await ch.on_peer(X, msg.LinkAck(channel="r", epoch=6, last_key=[0, 0], next_round=0, list_round=-1))
+    assert ch.joined.is_set()
+    _, mine = ch.start_round(np.array([1, 0, 0]), allreduce=True)
+    assert any(isinstance(x, msg.Piece) and to == X for to, x in rt.sent), "A's piece went up to X"
+    # Epoch 7 reaches X first: X links to A and sends its own first piece of round 0.
+    await ch.on_peer(X, msg.Link(channel="r", epoch=7, member=X, last_key=[0, 0], sent_up_to=-1))
+    await ch.on_peer(X, msg.SyncDone(channel="r"))
+    await ch.on_peer(X, msg.Piece(channel="r", round=0, contributors=[X], allreduce=True, fn="sum",
+                                  data=np.array([0, 1, 0])))
+    # Then A's own re-wiring: the root of a new term, children X and Y.
+    ch.on_rewire(msg.Rewire(channel="r", epoch=7, parent=None, children=[wire(X), wire(Y)], depth=0, term=7,
+                            removed=DEAD))
+    assert any(isinstance(x, msg.LinkAck) and to == X for to, x in rt.sent)
+    await ch.on_peer(X, msg.UpDone(channel="r"))
+    await ch.on_peer(Y, msg.Link(channel="r", epoch=7, member=Y, last_key=[0, 0], sent_up_to=-1))
+    await ch.on_peer(Y, msg.UpDone(channel="r"))
+    await ch.on_peer(Y, msg.SyncDone(channel="r"))
+    await ch.on_peer(Y, msg.Piece(channel="r", round=0, contributors=[Y], allreduce=True, fn="sum",
+                                  data=np.array([0, 0, 1])))
+    value, contributors = await asyncio.wait_for(mine, 5)
+    assert sorted(contributors) == [A, X, Y] and value.tolist() == [1, 1, 1]
+    await asyncio.gather(*rt.tasks)
+
+
+async def test_a_broadcast_stream_goes_on_at_once_after_the_root_leaves() -> None:
+    """The root leaves gracefully while another member streams broadcasts through it:
+    what the leaving root was handed and dropped is re-sent to the new root as soon as
+    its term shows up (in a re-wiring or in the stream), not after the re-submission
+    deadline (10 s; chaos scenario bcast_leave_root stalled ~9.5 s)."""
+    import time
+
+    from zipcomm.channels.broadcast import RESUBMIT_AFTER
+
+    async with zipcomm.Controller("127.0.0.1:0", fanout=2, heartbeat=0.2, heartbeat_timeout=1.0) as ctl:
+        root_rt = await zipcomm.connect(ctl.address)
+        async with zipcomm.connect(ctl.address) as s, zipcomm.connect(ctl.address) as r:
+            root = await root_rt.broadcast_channel("b", queue_size=1024)  # first to join: the root
+            sender = await s.broadcast_channel("b", queue_size=1024)
+            receiver = await r.broadcast_channel("b", queue_size=1024)
+            slowest = 0.0
+
+            async def stream() -> None:
+                nonlocal slowest
+                for k in range(200):
+                    t0 = time.monotonic()
+                    await sender.send(k, timeout=30)
+                    slowest = max(slowest, time.monotonic() - t0)
+
+            sending = asyncio.ensure_future(stream())
+            try:
+                assert await root.receive(timeout=10) == 0  # the stream is under way through the root
+                await root.aclose()  # leaves the channel mid-stream; its process (and links) stay
+                await asyncio.wait_for(sending, 30)
+            finally:
+                sending.cancel()
+                await root_rt.aclose()
+            got = [await receiver.receive(timeout=10) for _ in range(200)]
+            assert got == list(range(200))
+            assert slowest < RESUBMIT_AFTER / 2, f"a send waited {slowest:.1f} s for the new root"
+
+
+async def test_a_round_waits_for_the_members_of_a_host_daemon_that_died() -> None:
+    """The root's child is a host daemon standing for two local members. The daemon dies
+    mid-round and the controller removes it from the tree: its members are alive and
+    re-join directly, re-sending their contributions. The round must wait for them (a
+    bounded grace), not complete at once without them (chaos scenario daemon_kill_reduce)."""
+    from zipcomm.channels.reduce import ReduceChannel
+    from zipcomm.protocol import messages as msg
+
+    ROOT, DAEMON, L1, L2 = 0x52, 0x44, 0x31, 0x32
+    wire = lambda member: [member, f"127.0.0.1:{member}", "h", "member"]  # noqa: E731
+    rt = _StubRuntime(ROOT)
+    rt.heartbeat_timeout = 30.0  # the grace: longer than this test
+    ch = ReduceChannel(rt, "r", reduce_f=zipcomm.SUM)
+    ch.on_rewire(msg.Rewire(channel="r", epoch=1, parent=None, children=[], depth=0, term=1))
+    ch.on_rewire(msg.Rewire(channel="r", epoch=2, parent=None, children=[wire(DAEMON)], depth=0, term=1))
+    for m_ in (msg.Link(channel="r", epoch=2, member=DAEMON, last_key=[0, 0], sent_up_to=-1, fresh=True),
+               msg.UpDone(channel="r"), msg.SyncDone(channel="r")):
+        await ch.on_peer(DAEMON, m_)
+
+    def piece(r: int, ids: list, late: bool = False):
+        return msg.Piece(channel="r", round=r, contributors=ids, allreduce=True, fn="sum", late=late,
+                         data=np.array([len(ids)]))
+
+    _, first = ch.start_round(np.array([1]), allreduce=True)
+    await ch.on_peer(DAEMON, piece(0, [L1, L2]))
+    assert (await asyncio.wait_for(first, 5))[1] == [L1, L2, ROOT]
+    _, second = ch.start_round(np.array([1]), allreduce=True)
+    # The daemon dies before its piece of round 1 came: the controller removes it.
+    ch.on_rewire(msg.Rewire(channel="r", epoch=3, parent=None, children=[], depth=0, term=1, removed=DAEMON))
+    ch.on_controller(msg.Gone(channel="r", epoch=3, member=DAEMON))
+    await asyncio.sleep(0)  # (one turn of the loop: nothing may complete the round now)
+    assert not second.done(), "the round completed without the daemon's live members"
+    # Its members re-join directly, each re-sending its contribution as a late piece.
+    for epoch, local in ((4, L1), (5, L2)):
+        joined = [wire(L1)] if local == L1 else [wire(L1), wire(L2)]
+        ch.on_rewire(msg.Rewire(channel="r", epoch=epoch, parent=None, children=joined, depth=0, term=1))
+        for m_ in (msg.Link(channel="r", epoch=4, member=local, last_key=[1, 1], sent_up_to=1),
+                   piece(1, [local], late=True), msg.SyncDone(channel="r")):
+            await ch.on_peer(local, m_)
+        await ch.on_peer(local, msg.UpDone(channel="r"))
+    value, contributors = await asyncio.wait_for(second, 5)
+    assert sorted(contributors) == [L1, L2, ROOT] and value.tolist() == [3]
+    await asyncio.gather(*rt.tasks)
+    ch._end_holds()

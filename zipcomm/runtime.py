@@ -116,6 +116,7 @@ class Runtime:
         self._server: Server | None = None
         self._session: Connection | None = None
         self._session_ready = asyncio.Event()
+        self._session_task: asyncio.Task | None = None
         self._requests: dict[int, asyncio.Future] = {}
         self._req_ids = itertools.count(1)
         self._peers: dict[int, _PeerLink] = {}
@@ -133,7 +134,7 @@ class Runtime:
         self._server = await start_server(f"{self.listen_host}:0", self._serve_peer, secret=self.secret)
         self.address = self._server.address
         await self._open_session(deadline=self.connect_timeout)
-        self._spawn(self._session_loop(), "controller-session")
+        self._session_task = self._spawn(self._session_loop(), "controller-session")
         if self.daemon_path:
             from .daemon.client import DaemonClient
 
@@ -151,27 +152,37 @@ class Runtime:
     async def aclose(self) -> None:
         if self._closing:
             return
+        # A graceful leave needs the runtime's background tasks: the session loop reads
+        # the controller's replies, the peer readers the quiesce acks. When the event loop
+        # is being torn down (asyncio.run unwinding after SystemExit or KeyboardInterrupt
+        # cancels every task) they are gone, and waiting for them would only wait out
+        # every deadline: close at once instead; the peers and the controller see a
+        # failed member, and the tree is repaired around it.
+        graceful = self._alive()
         self._closing = True
+        if not graceful:
+            log.info("runtime torn down under its channels: closing without a graceful leave")
         # Frames queued on links still connecting (e.g. shuffle parts just sent) go out first.
         connecting = [asyncio.ensure_future(link.settled.wait()) for link in self._peers.values()
                       if not link.settled.is_set()]
         if connecting:
-            _, late = await asyncio.wait(connecting, timeout=5.0)
+            _, late = await asyncio.wait(connecting, timeout=5.0 if graceful else 0)
             for waiter in late:
                 waiter.cancel()
         for handle in list(self._locals.values()):
             try:
-                await handle.aclose()
+                await handle.aclose(graceful)
             except Exception:
                 log.debug("leave of %s failed", handle.name, exc_info=True)
         if self.daemon is not None:
             await self.daemon.aclose()
         # What we sent or forwarded reaches the peers before we leave: a child may hold
         # the only copy of a broadcast we sequenced, once we are gone.
-        await self.quiesce()
+        if graceful:
+            await self.quiesce()
         for core in list(self.channels.values()):
             try:
-                await core.aclose(graceful=self._session_ready.is_set())
+                await core.aclose(graceful=graceful and self._session_ready.is_set())
             except Exception:  # leaving is best effort; the session loss repairs the tree
                 log.debug("leave of %s failed", core.name, exc_info=True)
         if self._session is not None:
@@ -187,11 +198,16 @@ class Runtime:
         links = [link.conn for link in self._peers.values() if link.conn is not None]
         self._peers.clear()
         if links:
-            await asyncio.gather(*(self._close_flushed(conn) for conn in links))
+            await asyncio.gather(*(self._close_flushed(conn, 5.0 if graceful else 1.0) for conn in links))
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(ChannelClosed("runtime closed"))
         self._requests.clear()
+
+    def _alive(self) -> bool:
+        """Whether the controller session loop runs (nobody but ``aclose`` stops it)."""
+        task = self._session_task
+        return task is not None and not task.done() and not task.cancelling()
 
     async def quiesce(self, timeout: float = CLOSE_FLUSH_TIMEOUT) -> None:
         """Wait until every peer we sent to has *processed* all of it (not merely
@@ -347,7 +363,7 @@ class Runtime:
 
     async def _request_once(self, cls: type[m.Message], **fields: Any) -> dict:
         while True:
-            await self._session_ready.wait()
+            await self._wait_session()
             session = self._session
             assert session is not None
             if len(self._requests) >= CONTROLLER_REQUESTS_IN_FLIGHT:
@@ -359,13 +375,34 @@ class Runtime:
                 session.send(*cls(req=req, **fields).to_frame())
                 reply: m.Reply = await fut
             except ConnectionClosed:
-                continue  # the session loop reconnects; ask again
+                # The session loop reconnects; ask again on the next session. Until the loop
+                # has noticed the loss, this session still looks ready: abort it (so the loop
+                # notices now) and wait for another one, never retrying on the dead one.
+                if self._session is session:
+                    self._session_ready.clear()
+                    session.abort()
+                continue
             finally:
                 self._requests.pop(req, None)
             if not reply.ok:
                 raise MembershipError(reply.error, channel=fields.get("channel"), member=self.member_id,
                                       code=reply.code)
             return reply.result
+
+    async def _wait_session(self) -> None:
+        """Wait for a ready controller session; ChannelClosed once none can come (the
+        runtime is closed, or its session loop was stopped under it)."""
+        if self._session_ready.is_set():
+            return
+        if not self._alive():
+            raise ChannelClosed("runtime closed: no controller session")
+        ready = asyncio.ensure_future(self._session_ready.wait())
+        try:
+            await asyncio.wait([ready, self._session_task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._session_ready.is_set():
+            raise ChannelClosed("runtime closed: no controller session")
 
     async def _open_session(self, deadline: float | None) -> None:
         """Connect to the controller with capped, jittered backoff under a deadline."""
@@ -390,6 +427,17 @@ class Runtime:
                 delay = min(delay * 2, 1.0)
 
     async def _session_loop(self) -> None:
+        try:
+            await self._session_loop_body()
+        finally:
+            # Stopped (by aclose, or cancelled with every other task when the event loop
+            # is torn down): no reply can come any more; nobody waits for one in vain.
+            self._session_ready.clear()
+            for fut in list(self._requests.values()):
+                if not fut.done():
+                    fut.set_exception(ChannelClosed("runtime closed: no controller session"))
+
+    async def _session_loop_body(self) -> None:
         while not self._closing:
             session = self._session
             assert session is not None
@@ -426,6 +474,7 @@ class Runtime:
                 core.unsuspend()  # the controller kept its state: nothing to rebuild
                 return
             raise
+        core.rebuilt()
         core.on_rewire(m.Rewire(channel=core.name, **result))
 
     async def _heartbeat(self, session: Connection) -> None:

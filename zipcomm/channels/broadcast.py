@@ -20,7 +20,9 @@ from ..protocol.payload import snapshot_payload
 from .core import ChannelCore, get_or_stop
 
 # Without the item coming back this long, ask the controller for the root again and
-# re-send (de-duplicated). A lost connection to the root re-sends at once.
+# re-send (de-duplicated). A lost connection to the root re-sends at once, and so does
+# a new root term (seen in a re-wiring or in the stream): the old root may have left,
+# or dropped what it was handed while it was leaving.
 RESUBMIT_AFTER = 10.0
 
 
@@ -36,6 +38,7 @@ class BroadcastChannel(ChannelCore):
         self._acks: dict[tuple[int, int], asyncio.Future] = {}
         self._root: list | None = None
         self._root_lost = asyncio.Event()
+        self._stream_term = 0  # the term of the last item delivered here
 
     def resume(self, last_key: tuple, next_msg_id: int = 1, history=(),  # type: ignore[override]
                last_msg: dict | None = None) -> None:
@@ -60,6 +63,8 @@ class BroadcastChannel(ChannelCore):
         try:
             async with asyncio.timeout(timeout):
                 while True:
+                    if self.last_msg.get(origin, -1) >= msg_id:
+                        return  # in the stream already (e.g. a re-send after a daemon's death)
                     self._root_lost = asyncio.Event()
                     await self._submit(submit, owned)
                     lost = asyncio.ensure_future(self._root_lost.wait())
@@ -71,8 +76,6 @@ class BroadcastChannel(ChannelCore):
                     if ack in done:
                         ack.result()
                         return
-                    if self.last_msg.get(origin, -1) >= msg_id:
-                        return  # in the stream already (its echo passed before we waited)
                     self._root = None  # no echo yet: the root may have changed
         except TimeoutError:
             raise CollectiveTimeout(
@@ -118,6 +121,23 @@ class BroadcastChannel(ChannelCore):
     async def _closed_event(self) -> None:
         while not self.closed:
             await self.changed.wait()
+
+    def on_rewire(self, msg: m.Rewire) -> None:
+        term = self.term
+        super().on_rewire(msg)
+        if self.term != term:
+            self._root_moved()
+
+    def _root_moved(self) -> None:
+        """Another root sequences the stream: sends under way re-submit to it now."""
+        self._root = None
+        self._root_lost.set()
+
+    async def _deliver(self, source: int | None, item: m.Item) -> None:
+        if item.key[0] != self._stream_term:
+            self._stream_term = item.key[0]
+            self._root_moved()
+        await super()._deliver(source, item)
 
     async def on_item(self, item: m.Item) -> None:
         if item.kind != "b":

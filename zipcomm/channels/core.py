@@ -38,6 +38,7 @@ HISTORY_BYTES = 512 << 20
 PENDING_ITEMS = 4096
 ROOT_SUBMIT_QUEUE = 4096
 EARLY_LINKS = 4096
+EARLY_PER_CHILD = 4096
 
 Key = tuple[int, int]
 
@@ -203,6 +204,7 @@ class ChannelCore:
             return  # an older re-wiring overtaken by a newer one
         self.epoch = msg.epoch
         self.depth = msg.depth
+        was_root = self.is_root
         new_parent = msg.parent
         old_parent_id = self.parent[0] if self.parent else None
         new_parent_id = new_parent[0] if new_parent else None
@@ -234,6 +236,12 @@ class ChannelCore:
                 self.parent_linked = False
                 self._link_to_parent()
             self.term = msg.term
+            if was_root:
+                # Broadcasts handed to us to sequence while we were not ready (e.g. during
+                # a controller outage) go on up the tree, to the root that replaces us:
+                # their senders must not wait for a resubmission deadline.
+                while self.submits:
+                    self.send_parent(self.submits.popleft())
         if self.is_root:
             self.joined.set()
         self._replay_early()
@@ -247,13 +255,21 @@ class ChannelCore:
             return
         for cid in [c for c in self.early if c in self.children]:
             for early in self.early.pop(cid):
-                self._on_child_message(cid, early)
+                if isinstance(early, (m.Link, m.UpDone, m.SyncDone)):
+                    self._on_child_message(cid, early)
+                else:
+                    self.on_early_message(cid, early)
 
     def suspend(self) -> None:
         """The controller session is lost. A root stops sequencing until the controller
         confirms its place: a restarted controller may already have made another member
         the root of a new term, and two roots would fork the stream."""
         self.root_ready = False
+
+    def rebuilt(self) -> None:
+        """The controller restarted without its state and this member has re-announced
+        the channel: the tree is being rebuilt in a new term, one re-announcement at a
+        time, so for a while it holds only some of the live members."""
 
     def unsuspend(self) -> None:
         """The controller kept its state across the outage: carry on as before."""
@@ -322,7 +338,13 @@ class ChannelCore:
             case m.Submit():
                 self.on_submit(msg)
             case _:
-                await self.on_kind_message(sender, msg)
+                if (sender in self.early and sender not in self.children and self.holds_early(msg)
+                        and len(self.early[sender]) < EARLY_PER_CHILD):
+                    # From a child whose link waits for our re-wiring: what it sent after
+                    # the link (e.g. its first reduce piece) is handled after it, in order.
+                    self.early[sender].append(msg)
+                else:
+                    await self.on_kind_message(sender, msg)
         self._pulse()
 
     def _on_child_message(self, sender: int, msg: m.Message) -> None:
@@ -485,6 +507,14 @@ class ChannelCore:
         pass
 
     async def on_item(self, item: m.Item) -> None:
+        pass
+
+    def holds_early(self, msg: m.Message) -> bool:
+        """Whether ``msg`` from a child whose link is held waits with it (handled by
+        ``on_early_message`` when the link is accepted)."""
+        return False
+
+    def on_early_message(self, sender: int, msg: m.Message) -> None:
         pass
 
     async def on_kind_message(self, sender: int, msg: m.Message) -> None:

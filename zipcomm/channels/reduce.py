@@ -28,6 +28,10 @@ log = logging.getLogger("zipcomm.reduce")
 
 _NOTHING = object()
 
+# Past the controller's heartbeat timeout, how long a rebuilt tree's root waits for the
+# members of the rounds under way to re-join (their reconnection backoff is at most 1.5 s).
+REASSEMBLY_MARGIN = 2.0
+
 
 @dataclass(slots=True)
 class _Round:
@@ -90,6 +94,21 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         # Whether our own values are the caller's (never combined in place): a daemon
         # hands over arena ranges it owns, which it may overwrite.
         self._own_is_callers = True
+        # Who the last complete round counted, and who left since (stream items).
+        self._last_contributors: list = []
+        self._gone_since: set = set()
+        # While a tree is rebuilt after a controller restart: the members a round must
+        # cover before this member, as root, may complete it (or until the timer fires).
+        self._expect: set | None = None
+        self._expect_known = True
+        self._expect_timer: asyncio.TimerHandle | None = None
+        # Rounds the root holds because members the last round counted are missing and
+        # not known gone (e.g. members of a host daemon that died, re-joining directly):
+        # round -> the timer that ends the wait (None once it has ended).
+        self._short: dict[int, asyncio.TimerHandle | None] = {}
+        # Failures seen before any round completed: member -> until when the first round
+        # waits for members nobody knows of (see ``_gone``).
+        self._blind: dict[int, float] = {}
 
     # -- API -----------------------------------------------------------------
 
@@ -118,6 +137,12 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         the round and, if ``want`` or ``allreduce``, a future of ``(value, contributors)``."""
         r = self.next_round
         self.next_round += 1
+        if r <= self.done_up_to:
+            # The round is complete already, without us: we were out of the tree (e.g.
+            # stopped past the heartbeat timeout). A typed error, not a wait for nothing.
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(self._left_out(r))
+            return r, fut
         rnd = self.rounds.setdefault(r, _Round())
         rnd.own, rnd.own_set, rnd.allreduce = data, True, allreduce
         rnd.own_ids = list(ids) if ids is not None else None
@@ -150,16 +175,125 @@ class ReduceChannel(ReduceAPI, ChannelCore):
 
     async def aclose(self, graceful: bool = True, *, timeout: float = 10.0) -> None:
         """Leave the channel. A graceful leave first waits (up to ``timeout``) until
-        every round this member took part in is complete: its subtree's pieces may
-        still need it as their way up."""
+        every round this member took part in has gone up from here (for the root: is
+        complete): its subtree's first pieces may still need it as their way up.
+        Past that point nothing is waited for: what went up is retained below and
+        re-sent if the path above breaks, so the rest of the round (which may wait
+        for other members' calls for any time) does not need this member."""
         if graceful and not self.closed:
             try:
                 async with asyncio.timeout(timeout):
-                    while self.done_up_to < self.next_round - 1:
+                    while self._sent_up_to < self.next_round - 1 and self.done_up_to < self.next_round - 1:
                         await self.wait_changed()
             except (TimeoutError, ChannelClosed):
                 log.warning("channel %s: leaving with rounds up to %d unfinished", self.name, self.next_round - 1)
         await super().aclose(graceful)
+
+    def rebuilt(self) -> None:
+        """After a controller restart the first member to re-announce the channel is the
+        root of the new tree, alone at first; the others re-join one by one (each
+        within its reconnection backoff) and re-send what they had sent up. A root that
+        completed the rounds under way at once would drop those live contributors, and
+        their own calls for rounds already complete would never be answered. So the
+        root completes no round until the pieces it holds cover every member the last
+        complete round counted (less those gone since), or until the members that are
+        not back by then cannot be alive: a heartbeat timeout (to notice the lost
+        session) plus the reconnection backoff (at most 1.5 s) plus a margin."""
+        self._end_reassembly()
+        # Before any round completed, who takes part is not known: wait out the grace.
+        self._expect_known = self.done_up_to >= 0
+        self._expect = set(self._last_contributors) - self._gone_since - {self.me}
+        grace = self.rt.heartbeat_timeout + REASSEMBLY_MARGIN
+        self._expect_timer = asyncio.get_running_loop().call_later(grace, self._reassembly_timeout)
+        log.debug("%x %s rebuilt: rounds wait for %d members or %.1f s", self.me, self.name,
+                  len(self._expect), grace)
+
+    def _reassembly_timeout(self) -> None:
+        self._expect_timer = None
+        if self._expect:
+            log.info("channel %s: members %s did not re-join within the grace after a controller restart",
+                     self.name, sorted(f"{x:x}" for x in self._expect))
+        self._expect = None
+        self.progress()
+
+    def _end_reassembly(self) -> None:
+        self._expect = None
+        if self._expect_timer is not None:
+            self._expect_timer.cancel()
+            self._expect_timer = None
+
+    def _end_holds(self) -> None:
+        self._end_reassembly()
+        for timer in self._short.values():
+            if timer is not None:
+                timer.cancel()
+        self._short.clear()
+
+    @staticmethod
+    def _covered(rnd: _Round, me: int) -> set:
+        covered: set = set()
+        if rnd.own is not _NOTHING:
+            covered.update(rnd.own_ids if rnd.own_ids is not None else [me])
+        for piece in rnd.first.values():
+            covered.update(piece.contributors)
+        for piece in rnd.late:
+            covered.update(piece.contributors)
+        return covered
+
+    def _may_complete(self, r: int, rnd: _Round) -> bool:
+        """Root only, once every child is done with round ``r``: whether it may complete.
+
+        A member the last round counted, not known gone, whose piece is missing may be
+        on its way back into the tree: the members of a host daemon that died re-join
+        directly and re-send their contributions, and the controller removes the daemon
+        from the tree (its parent stops waiting) before they are back. Such a round
+        waits for them for a heartbeat timeout plus a margin at most (they re-join at
+        once: the daemon's socket closes under them). After a controller restart the
+        rebuilt tree waits likewise for everyone (see ``rebuilt``)."""
+        covered = self._covered(rnd, self.me)
+        if self._blind:
+            if self.done_up_to >= 0:
+                self._blind.clear()
+            else:
+                loop = asyncio.get_running_loop()
+                until = max(self._blind.values())
+                if loop.time() < until:
+                    if self._short.get(r) is None:
+                        self._short[r] = loop.call_at(until, self._short_over, r)
+                    return False
+                self._blind.clear()
+                self._short.pop(r, None)
+        if self._expect is not None:
+            # Every round until the grace ends: pieces that reached us before the restart
+            # may cover one round while the members are not back in the tree for the next.
+            if not self._expect_known or self._expect - covered:
+                return False
+        missing = set(self._last_contributors) - self._gone_since - covered - {self.me}
+        if not missing:
+            timer = self._short.pop(r, None)
+            if timer is not None:
+                timer.cancel()
+            return True
+        if r not in self._short:
+            grace = self.rt.heartbeat_timeout + REASSEMBLY_MARGIN
+            self._short[r] = asyncio.get_running_loop().call_later(grace, self._short_over, r)
+            log.debug("%x %s round %d waits up to %.1f s for %s", self.me, self.name, r, grace,
+                      sorted(f"{x:x}" for x in missing))
+            return False
+        if self._short[r] is None:
+            log.info("channel %s round %d: completing without %s (not back within the grace)", self.name, r,
+                     sorted(f"{x:x}" for x in missing))
+            return True
+        return False
+
+    def _short_over(self, r: int) -> None:
+        if r in self._short:
+            self._short[r] = None
+            self.progress()
+
+    def _left_out(self, r: int) -> CollectiveTimeout:
+        return CollectiveTimeout("reduce round completed without this member (it was out of the tree)",
+                                 channel=self.name, epoch=self.epoch, round=r)
 
     def _missing(self, r: int) -> list:
         rnd = self.rounds.get(r)
@@ -227,6 +361,8 @@ class ReduceChannel(ReduceAPI, ChannelCore):
             elif self.parent is None:
                 return
             if not all(self._child_done(c, r, rnd) for c in self.children.values()):
+                return
+            if self.is_root and not self._may_complete(r, rnd):
                 return
             self._sent_up_to = r
             if self.is_root:
@@ -304,6 +440,7 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         ids = sorted(covered)
         log.debug("%x %s round %d complete: %d contributors from %d pieces", self.me, self.name, r, len(ids), len(pieces))
         del self.rounds[r]
+        self._short.pop(r, None)
         seen = set()
         for member, address in wants:
             if member in seen:
@@ -321,6 +458,40 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         fut = self._waiters.get(r)
         if fut is not None and not fut.done():
             fut.set_result((value, contributors))
+
+    def holds_early(self, msg: m.Message) -> bool:
+        # A child re-wired under us may send its first piece of a round before our own
+        # re-wiring names it: taken as a stranger's (late) piece, the child would never
+        # count as done for that round, and the round would wait for it for ever.
+        return isinstance(msg, m.Piece)
+
+    def on_early_message(self, sender: int, msg: m.Message) -> None:
+        self._on_piece(sender, msg)  # type: ignore[arg-type]
+
+    def on_controller(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Gone):  # known at once, before its item is in the stream
+            self._gone(msg.member, graceful=bool(msg.graceful))
+        super().on_controller(msg)
+
+    def on_rewire(self, msg: m.Rewire) -> None:
+        if msg.removed is not None and msg.removed != self.me:
+            self._gone(msg.removed, progress=False)  # before the re-wiring lets a round complete
+        super().on_rewire(msg)
+
+    def _gone(self, member: int, progress: bool = True, graceful: bool | None = None) -> None:
+        self._gone_since.add(member)
+        if self._expect is not None:
+            self._expect.discard(member)
+        if graceful:
+            self._blind.pop(member, None)
+        elif self.done_up_to < 0 and member not in self._blind:
+            # A failure before any round completed: who else took part (e.g. the members
+            # of a host daemon that died, on their way back directly) is not known, so the
+            # first round waits out the grace at the root (see ``_may_complete``). (A
+            # graceful leave, told by the controller right after, lifts this.)
+            self._blind[member] = asyncio.get_running_loop().time() + self.rt.heartbeat_timeout + REASSEMBLY_MARGIN
+        if progress:
+            self.progress()
 
     async def on_kind_message(self, sender: int, msg: m.Message) -> None:
         match msg:
@@ -355,19 +526,37 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         self.progress()
 
     async def on_item(self, item: m.Item) -> None:
+        if item.kind == "g":
+            self._gone(item.meta["member"], graceful=bool(item.meta.get("graceful")))
+            return
         if item.kind != "r":
             return
         r = item.meta["round"]
+        if r > self.done_up_to:
+            # (a departure already known may have come before the round's item)
+            self._last_contributors = [x for x in item.meta["contributors"] if x not in self._gone_since]
+            self._gone_since.clear()
         self.done_up_to = max(self.done_up_to, r)
         for old in [k for k in self.retained if k <= r]:
             del self.retained[old]
         if item.meta.get("all"):
             self._resolve(r, freeze(item.data), item.meta["contributors"])
         if not self.is_root:
+            if r > self._sent_up_to:
+                # Complete without what we had still to send: we were out of the tree.
+                # Those rounds are over for us (a plain reduce's result will not come).
+                for k in range(self._sent_up_to + 1, r + 1):
+                    fut = self._waiters.get(k)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(self._left_out(k))
+                self._sent_up_to = r
+                for old in [k for k in self.rounds if k <= r]:
+                    del self.rounds[old]
             for old in [k for k in self.rounds if k <= r and self.rounds[k].sent]:
                 del self.rounds[old]
 
     def _fail_waiters(self, exc: BaseException) -> None:
+        self._end_holds()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(exc)

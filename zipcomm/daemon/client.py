@@ -384,6 +384,14 @@ class LocalBroadcast(_LocalHandle):
             if origin != self.rt.member_id:
                 await self._queue.put(item.data)  # a full queue stops reading the daemon: backpressure
 
+    def daemon_lost(self) -> None:
+        # sends waiting for the daemon's ack would otherwise wait out their whole timeout: they
+        # go again over the direct channel at once (the root drops a copy it already has)
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(DaemonLost("the host daemon is gone"))
+        super().daemon_lost()
+
     def _direct_core(self) -> BroadcastChannel:
         core = BroadcastChannel(self.rt, self.name, queue_size=self.queue_size)
         core.resume(self.last_key, next(self._msg_ids), self.history, self.last_msg)

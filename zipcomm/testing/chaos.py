@@ -101,16 +101,26 @@ class ChaosMember(Member):
 
 
 def member_main(controller: str) -> None:
+    if os.environ.get("ZIPCOMM_TEST_LOGDIR"):  # a post-mortem log per member (see MemberProcess)
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)d %(name)s %(message)s")
     asyncio.run(ChaosMember(controller).run())
 
 
 class ChaosMemberProcess(MemberProcess):
     async def start(self, controller: str) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "zipcomm.testing.chaos", "--member", controller,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            env=dict(os.environ, **self.env) if self.env else None,
-        )
+        log_fd = self._stderr()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "zipcomm.testing.chaos", "--member", controller,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=log_fd if log_fd is not None else asyncio.subprocess.DEVNULL,
+                env=dict(os.environ, **self.env) if self.env else None,
+            )
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)
         hello = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), DEADLINE))  # type: ignore[union-attr]
         self.member_id = hello["result"]["member"]
         self._reader = asyncio.create_task(self._read())
@@ -167,6 +177,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              doc="controller kill -9 and restart on its address mid-broadcast and mid-allreduce"),
     Scenario("daemon_kill", "daemon", "-", ("b",), n=4, daemons=2,
              doc="SIGKILL a host daemon (not the first) mid-broadcast: its members fall back to direct links"),
+    Scenario("daemon_kill_reduce", "daemon", "-", ("r",), n=4, daemons=2,
+             doc="SIGKILL a host daemon (not the first) mid-allreduce: its members re-send the rounds without "
+                 "a result directly"),
     Scenario("correlated_half", "correlated", "any", ("b", "r"),
              doc="SIGKILL 50 % of the members at once mid-broadcast and mid-allreduce"),
     Scenario("join_storm", "join_storm", "-", ("b",), n=8,
