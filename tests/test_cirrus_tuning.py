@@ -46,7 +46,7 @@ def test_diverging_experiment_is_stopped_by_rule_and_kill_stops_workers_at_once(
 
     async def go():
         gs = GridSearch(task=LogisticRegression, param_base=base, hyper_vars=["learning_rate"],
-                        hyper_params=[[0.05, 5000.0, 0.1]], num_jobs=3,
+                        hyper_params=[[0.005, 5000.0, 0.01]], num_jobs=3,
                         stop_rules={"grace": 2.0, "margin": 2.0, "rising": 0})  # loss > 3x the best
         run = asyncio.create_task(gs.run_async())
         huge = gs.experiments[1]
