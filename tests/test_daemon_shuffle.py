@@ -117,3 +117,27 @@ async def test_a_share_of_a_range_not_held_is_a_protocol_error() -> None:
                                        parts=[[rt.member_id, 0, [10]]])
         del buf
         await until(lambda: dm.arena.used == 0, what="the closed sessions' ranges given back")
+
+
+async def test_with_senders_names_the_members_whose_parts_a_result_holds() -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        rts = [await zipcomm.connect(ctl.address) for _ in range(3)]
+        try:
+            chans = [await rts[0].shuffle_channel("s"), await rts[1].shuffle_channel("s"),
+                     await rts[2].shuffle_channel("s", role=zipcomm.RECEIVER)]
+            x = [np.arange(k, 3000, 3, dtype=np.int64) for k in range(2)]
+            outs = await asyncio.gather(
+                chans[0].shuffle_send_receive(x[0], lambda a, n: a % n, timeout=30, with_senders=True),
+                chans[1].shuffle_send_receive(x[1], lambda a, n: a % n, timeout=30, with_senders=True),
+                chans[2].shuffle_receive(timeout=30, with_senders=True))
+            senders = sorted(rt.member_id for rt in rts[:2])  # the RECEIVER sends nothing
+            assert [s for _, s in outs] == [senders] * 3
+            everything = np.sort(np.concatenate([data for data, _ in outs]))
+            assert np.array_equal(everything, np.sort(np.concatenate(x)))
+            plain = await asyncio.gather(chans[0].shuffle_send_receive(x[0], lambda a, n: a % n, timeout=30),
+                                         chans[1].shuffle_send_receive(x[1], lambda a, n: a % n, timeout=30),
+                                         chans[2].shuffle_receive(timeout=30))
+            assert all(isinstance(p, np.ndarray) for p in plain)  # without the flag: the data alone
+        finally:
+            for rt in rts:
+                await rt.aclose()

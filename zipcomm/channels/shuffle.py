@@ -66,22 +66,27 @@ class ShuffleChannel(ChannelCore):
         await self._drain(await self._send_parts_via_host(r, members, data, hash_function))
         return r
 
-    async def shuffle_receive(self, *, timeout: float | None = 30.0) -> Any:
-        """This member's data of the next round, once every sender delivered its part."""
+    async def shuffle_receive(self, *, timeout: float | None = 30.0, with_senders: bool = False) -> Any:
+        """This member's data of the next round, once every sender delivered its part.
+        ``with_senders=True``: ``(data, senders)``, the ids of the members whose parts it holds
+        (a sender that failed during the round is wholly out)."""
         if self.role == SENDER:
             raise ValueError("a SENDER cannot shuffle_receive")
         r, members = await self._start_round(timeout)
-        return await self._collect(r, members, timeout)
+        data, senders = await self._collect(r, members, timeout)
+        return (data, senders) if with_senders else data
 
     async def shuffle_send_receive(self, data: Any, hash_function: Callable, *,
-                                   timeout: float | None = 30.0) -> Any:
+                                   timeout: float | None = 30.0, with_senders: bool = False) -> Any:
+        """Send this member's parts and return its data of the round (``with_senders``: as
+        :meth:`shuffle_receive`)."""
         if self.role != BOTH:
             raise ValueError("shuffle_send_receive needs role BOTH")
         r, members = await self._start_round(timeout)
         sent = await self._send_parts_via_host(r, members, data, hash_function)
-        result = await self._collect(r, members, timeout)
+        result, senders = await self._collect(r, members, timeout)
         await self._drain(sent)
-        return result
+        return (result, senders) if with_senders else result
 
     async def _drain(self, members: list[int]) -> None:
         """Return only once our parts have left (down to the sockets' buffers): an application
@@ -194,7 +199,7 @@ class ShuffleChannel(ChannelCore):
                 sent.append(member)
         return sent
 
-    async def _collect(self, r: int, members: list, timeout: float | None) -> Any:
+    async def _collect(self, r: int, members: list, timeout: float | None) -> tuple[Any, list[int]]:
         senders = [mm[0] for mm in members if mm[3] in (SENDER, BOTH)]
         try:
             async with asyncio.timeout(timeout):
@@ -208,7 +213,8 @@ class ShuffleChannel(ChannelCore):
             raise CollectiveTimeout("shuffle parts missing", channel=self.name, epoch=self.epoch, round=r,
                                     missing=[f"{s:x}" for s in missing]) from None
         got = self.parts.pop(r, {})
-        return _concat([got[s] for s in senders if s in got])
+        included = [s for s in senders if s in got]
+        return _concat([got[s] for s in included]), sorted(included)
 
     def _store_part(self, r: int, sender: int, data: Any) -> None:
         if r < self.next_round - 1 and r not in self.parts:
