@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from zipcomm.testing.cluster import Cluster
+from zipcomm.testing.wait import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -200,11 +201,10 @@ async def test_controller_kill9_and_restart(daemons: int) -> None:
         # A shuffle round's members are the controller's list when the round starts: wait
         # until every member has re-announced the shuffle channel (behind daemons nothing
         # above needed the members' own sessions back, so some may still be reconnecting).
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 60
-        while min(p["epoch"] for p in await c.places("s")) <= before_s:
-            assert loop.time() < give_up, "members did not re-announce the shuffle channel"
-            await asyncio.sleep(0.05)  # polling a predicate under a deadline
+        async def reannounced() -> bool:
+            return min(p["epoch"] for p in await c.places("s")) > before_s
+
+        await until(reannounced, "members to re-announce the shuffle channel", limit=60, step=0.05)
         shuffled = await asyncio.gather(
             *(mm.call("shuffle", name="s", start=i * 100, count=50, timeout=60) for i, mm in enumerate(c.members))
         )

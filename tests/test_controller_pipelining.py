@@ -22,6 +22,7 @@ from zipcomm.errors import MembershipError
 from zipcomm.protocol import messages as m
 from zipcomm.protocol.frames import FrameDecoder, encode_frame
 from zipcomm.protocol.handshake import Handshake
+from zipcomm.testing.wait import until
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
@@ -196,10 +197,8 @@ async def test_a_session_hosts_members_of_one_channel_and_gets_their_pushes() ->
 
         # The session's end takes every member it hosted out of the tree.
         await a.aclose()
-        for _ in range(200):
-            if len(tree) == per_session:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: len(tree) == per_session, "the hosted members to leave the tree", limit=10.0,
+                    step=0.05)
         assert set(tree) == set(hosted[b])
         tree.check_invariants()
         await b.aclose()

@@ -17,6 +17,7 @@ import zipcomm
 from zipcomm.daemon import Daemon
 from zipcomm.shm import segment_exists
 from zipcomm.testing.cluster import DEADLINE, Cluster, DaemonProcess
+from zipcomm.testing.wait import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -212,13 +213,8 @@ def _sock() -> str:
 
 
 async def _until(predicate, timeout: float = DEADLINE) -> None:
-    """Poll a predicate under a deadline (never a bare sleep)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.01)
+    """Poll a predicate under a deadline (never a bare sleep): the shared helper."""
+    await until(predicate, what="the condition", limit=timeout, step=0.01)
 
 
 async def _result(call: asyncio.Future):
