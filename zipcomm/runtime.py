@@ -15,6 +15,7 @@ import random
 import socket
 from typing import TYPE_CHECKING, Any
 
+from .buffers import POOLED_MIN, BufferPool
 from .errors import (
     BrokenByPeer,
     ChannelClosed,
@@ -112,6 +113,7 @@ class Runtime:
         self.connect_timeout = connect_timeout
         self.address = ""
         self.channels: dict[str, ChannelCore] = {}
+        self.buffers = BufferPool()  # large items' receive buffers, reused
         self._tasks: set[asyncio.Task] = set()
         self._server: Server | None = None
         self._session: Connection | None = None
@@ -532,6 +534,24 @@ class Runtime:
         for core in list(self.channels.values()):
             core.on_peer_lost(link.member)
 
+    def _place(self, header: dict, descriptors: list) -> list | None:
+        """Where a peer frame's buffers are received: a part of a large stream item straight into
+        the channel's array being assembled (see ``ChannelCore.place_part``), any other large
+        array into a reused buffer (see ``BufferPool``)."""
+        if header.get("op") == "item" and header.get("kind") == "p":
+            name = header.get("channel")
+            core = self.channels.get(name) if type(name) is str else None
+            placed = core.place_part(header, descriptors) if core is not None else None
+            if placed is not None:
+                return placed
+        if len(descriptors) != 1:
+            return None
+        descriptor = descriptors[0]
+        if descriptor[0] != "nd" or descriptor[3] < POOLED_MIN:
+            return None
+        dtype = descriptor[1]
+        return [self.buffers.take(descriptor[3]).view(dtype).reshape(descriptor[2])]
+
     async def _serve_peer(self, conn: Connection) -> None:
         hello = m.decode(await conn.recv())
         if not isinstance(hello, m.PeerHello):
@@ -544,6 +564,7 @@ class Runtime:
             if kind != "tcp":  # peers reach each other over TCP; never dial a path a peer names
                 raise RemoteProtocolError(f"peer_hello with a non-TCP address {hello.address!r}")
         sender = hello.member
+        conn.set_placer(self._place)
         while True:
             frame = await conn.recv()
             msg = m.decode(frame)

@@ -157,6 +157,9 @@ class DaemonBroadcast(BroadcastChannel):
         super().__init__(daemon.rt, name)
         self.daemon = daemon
         self.history = History(max_bytes=daemon.history_bytes())
+        # Published whole: its members take it from the arena as one range. (Parts that a
+        # direct root publishes are assembled before they reach on_item.)
+        self.chunk_bytes = 0
         self.locals: dict[int, Session] = {}
 
     async def on_item(self, item: m.Item) -> None:
@@ -180,6 +183,7 @@ class DaemonReduce(ReduceChannel):
         super().__init__(daemon.rt, name, reduce_f=reduce_f)
         self.daemon = daemon
         self.history = History(max_bytes=daemon.history_bytes())
+        self.chunk_bytes = 0  # (as in DaemonBroadcast)
         self._own_is_callers = False  # our values are arena ranges we own
         self.locals: dict[int, _Local] = {}
         self.waiting: dict[int, dict[int, tuple[d.DReduce, Any]]] = {}

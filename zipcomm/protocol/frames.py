@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -184,6 +184,10 @@ class FrameDecoder:
         self._target: memoryview | None = None
         self._filled = 0  # bytes already in the big header or the current buffer
         self._error: BaseException | None = None
+        # Optional: ``placer(header, descriptors)`` may name the arrays a frame's buffers are
+        # received into (e.g. a region of a larger array being assembled) instead of new ones;
+        # it returns None to decline. Arrays that do not match the descriptors are not used.
+        self.placer: Callable[[dict, list], list | None] | None = None
 
     @property
     def at_boundary(self) -> bool:
@@ -298,7 +302,12 @@ class FrameDecoder:
 
     def _begin_frame(self, header_bytes: memoryview) -> None:
         header, descriptors = self._parse_header(header_bytes)
-        buffers, self._views = _allocate(descriptors)
+        placed = self.placer(header, descriptors) if self.placer is not None and descriptors else None
+        if placed is not None and _fits(placed, descriptors):
+            buffers = placed
+            self._views = [memoryview(b.reshape(-1).view(np.uint8)) for b in placed if b.nbytes]
+        else:
+            buffers, self._views = _allocate(descriptors)
         self._frame = Frame(header, buffers)
         self._view_index = 0
         self._filled = 0
@@ -381,6 +390,17 @@ def _descriptor_nbytes(descriptor: object, index: int, limits: Limits) -> int:
             raise RemoteProtocolError(f"bufs[{index}]: bad byte length {nbytes!r:.40}")
         return nbytes
     raise RemoteProtocolError(f"bufs[{index}]: bad buffer descriptor {descriptor!r:.200}")
+
+
+def _fits(arrays: list, descriptors: list) -> bool:
+    """Whether ``arrays`` can receive the buffers ``descriptors`` announce, exactly."""
+    if type(arrays) is not list or len(arrays) != len(descriptors):
+        return False
+    for array, descriptor in zip(arrays, descriptors):
+        if (descriptor[0] != "nd" or type(array) is not np.ndarray or array.dtype != descriptor[1]
+                or list(array.shape) != descriptor[2] or not array.flags.c_contiguous or not array.flags.writeable):
+            return False
+    return True
 
 
 def _allocate(descriptors: list) -> tuple[list[np.ndarray | bytearray], list[memoryview]]:

@@ -63,6 +63,13 @@ class Connection:
         self.info: dict = {}  # owner's annotations (e.g. the peer's member id)
         self._soon: list = []  # pieces of the frames send_soon() queued in this loop iteration
         self._soon_bytes = 0
+        self._protocol: _FrameProtocol | None = None
+
+    def set_placer(self, placer) -> None:
+        """Receive frame buffers where ``placer(header, descriptors)`` says (see
+        ``FrameDecoder.placer``); None: into new arrays."""
+        if self._protocol is not None:
+            self._protocol._decoder.placer = placer
 
     # -- sending -------------------------------------------------------------
 
@@ -233,6 +240,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._hs_buffer = bytearray(4096)
         self._decoder = FrameDecoder(conn._limits)
         self._timer: asyncio.TimerHandle | None = None
+        conn._protocol = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         conn = self._conn

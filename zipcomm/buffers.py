@@ -1,0 +1,47 @@
+"""Large receive buffers, reused."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+__all__ = ["BufferPool", "POOLED_MIN"]
+
+# Received arrays at least this large come from the pool.
+POOLED_MIN = 8 << 20
+
+
+class BufferPool:
+    """Large receive buffers kept for reuse. A fresh buffer costs the kernel a zero-filled page
+    per page touched, which on this kind of transfer costs more than receiving the bytes; a
+    reused one costs nothing. A buffer is reused once nothing but the pool refers to it (the
+    arrays handed out and the history's parts are views of it). Bounded by ``max_bytes``:
+    beyond it, buffers are plain allocations."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._bufs: list[np.ndarray] = []
+        self._bytes = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A flat uint8 array of ``nbytes`` (its contents are undefined)."""
+        bufs = self._bufs
+        best = -1
+        for i in range(len(bufs)):
+            size = bufs[i].nbytes
+            # 2: the list's reference and getrefcount's argument: nobody else holds it
+            if nbytes <= size <= 2 * nbytes and sys.getrefcount(bufs[i]) == 2 and (
+                    best < 0 or size < bufs[best].nbytes):
+                best = i
+        if best >= 0:
+            return bufs[best][:nbytes]
+        while self._bytes + nbytes > self.max_bytes:
+            free = [i for i in range(len(bufs)) if sys.getrefcount(bufs[i]) == 2]
+            if not free:
+                return np.empty(nbytes, np.uint8)
+            self._bytes -= bufs.pop(free[0]).nbytes
+        buf = np.empty(nbytes, np.uint8)
+        bufs.append(buf)
+        self._bytes += nbytes
+        return buf[:]
