@@ -3,7 +3,7 @@
 The config names the backend's adapter class (``"worker": "module:Class"``, a
 :class:`WorkerBackend`; see bench/_backends.py) and this process's ``rank``, or ``"rank": null``
 and ``"rank_env"``: the environment variable in which a launcher such as mpirun passes the rank.
-Sets up the backend, joins, runs one verified warm-up round and ``reps`` verified timed rounds
+Sets up the backend, joins, runs ``warmup`` verified warm-up rounds and ``reps`` verified timed rounds
 of one operation, and prints JSON lines on stdout (flushed as they happen):
 
 * ``{"type": "round", "rank", "round", "start", "end", "cls"}`` per timed round: ``start`` is
@@ -235,7 +235,7 @@ def payload_items(cfg: dict) -> int:
 
 
 def shuffle_input(seed: int, src: int, rnd: int, items: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, src, rnd + 1])
+    rng = np.random.default_rng([seed, src, (rnd + 1) % (1 << 32)])  # warm-up rounds are < 0
     return rng.integers(0, 2**40, size=items, dtype=np.int64)
 
 
@@ -282,8 +282,9 @@ async def run(cfg: dict, dl: Deadline, state: dict) -> None:
     try:
         await backend.open()
         base = np.arange(payload_items(cfg), dtype=np.int64)
-        for rnd in range(-1, cfg["reps"]):  # round -1 is the warm-up: verified, not reported
-            tag = rnd + 2
+        warmup = cfg.get("warmup", 1)
+        for rnd in range(-warmup, cfg["reps"]):  # rounds < 0 warm up: verified, not reported
+            tag = rnd + warmup + 1
             state["phase"] = f"round {rnd} input"
             if op == "broadcast":
                 base[0], base[-1] = tag, -tag  # the root sends it; the others expect it

@@ -4,8 +4,8 @@
 Every backend runs the same cells (op, payload size, number of processes n) under the same
 conditions, one cell at a time: broadcast from rank 0, reduce (sum) to rank 0, allreduce (sum),
 and shuffle (every rank sends each of its int64 items to rank ``item % n``).  Payloads are int64
-arrays of at least the given size.  For each cell the ranks run one verified warm-up round and
---reps verified timed rounds: broadcast payloads must arrive bit-exact, reduce results must equal
+arrays of at least the given size.  For each cell the ranks run --warmup verified warm-up rounds
+and --reps verified timed rounds: broadcast payloads must arrive bit-exact, reduce results must equal
 the closed-form sum of all contributions, and each shuffle output must hold exactly the items of
 all ranks' inputs that hash to its rank.  A round starts when the root (broadcast) or the first
 sender (reduce, allreduce, shuffle) leaves the barrier that precedes it, and ends when the last
@@ -113,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"--quick: {QUICK['shuffle_items']})")
     p.add_argument("--n", help=f"comma list of process counts (default: {DEFAULTS['n']}; "
                    f"--quick: {QUICK['n']})")
-    p.add_argument("--reps", type=int, help=f"timed rounds per cell, after one warm-up round "
+    p.add_argument("--reps", type=int, help=f"timed rounds per cell, after the warm-up rounds "
                    f"(default: {DEFAULTS['reps']}; --quick: {QUICK['reps']})")
+    p.add_argument("--warmup", type=int, default=3, help="verified, untimed rounds before the "
+                   "timed ones, the same for every backend: the figures are of the steady state "
+                   "(connections open, receive buffers reused), as MPI benchmarks such as OSU's "
+                   "skip their first iterations (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: sizes "
                    f"{QUICK['sizes']}, n={QUICK['n']}, reps={QUICK['reps']}, "
                    f"{QUICK['shuffle_items']} shuffle items (explicit options still win)")
@@ -152,8 +156,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.n_list = [int(x) for x in args.n.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"error: --n must be a comma list of integers, got {args.n!r}")
-    if not args.n_list or min(args.n_list) < 1 or args.reps < 1 or not args.size_list:
-        raise SystemExit("error: need --n >= 1, --reps >= 1 and at least one size")
+    if not args.n_list or min(args.n_list) < 1 or args.reps < 1 or args.warmup < 0 or not args.size_list:
+        raise SystemExit("error: need --n >= 1, --reps >= 1, --warmup >= 0 and at least one size")
     if args.out is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.out = ROOT / "bench" / "results" / f"comm-{stamp}.json"
@@ -180,7 +184,7 @@ def run_cell(cell: dict, args: argparse.Namespace, ctx: dict) -> None:
         return
     backend: Backend = ctx["backends"][name]
     cfg = dict(backend=name, worker=backend.worker, op=cell["op"], size_bytes=cell["size_bytes"],
-               n=cell["n"], reps=cell["reps"], shuffle_items=args.shuffle_items, seed=args.seed,
+               n=cell["n"], reps=cell["reps"], warmup=args.warmup, shuffle_items=args.shuffle_items, seed=args.seed,
                timeout=args.timeout, loop=args.loop,
                prefix=f"bench-{ctx['run_id']}-{name}-{cell['op']}-{cell['size_bytes']}-"
                       f"{cell['n']}".replace(" ", ""), **backend.worker_cfg())

@@ -6,7 +6,10 @@ import sys
 
 import numpy as np
 
-__all__ = ["BufferPool", "POOLED_MIN"]
+from .protocol.frames import array_problem
+from .protocol.payload import snapshot_payload
+
+__all__ = ["BufferPool", "POOLED_MIN", "snapshot"]
 
 # Received arrays at least this large come from the pool.
 POOLED_MIN = 8 << 20
@@ -45,3 +48,13 @@ class BufferPool:
         bufs.append(buf)
         self._bytes += nbytes
         return buf[:]
+
+
+def snapshot(data: object, pool: BufferPool) -> object:
+    """A private copy of a payload (checked like any): what zipcomm keeps after the call that sent
+    it returned. A large plain array is copied into a buffer of ``pool``."""
+    if type(data) is np.ndarray and data.nbytes >= POOLED_MIN and array_problem(data) is None:
+        copy = pool.take(data.nbytes).view(data.dtype).reshape(data.shape)
+        np.copyto(copy, data, casting="no")
+        return copy
+    return snapshot_payload(data)

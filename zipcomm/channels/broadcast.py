@@ -11,19 +11,63 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import freeze
 from ..protocol import messages as m
-from ..protocol.payload import snapshot_payload
+from ..protocol.frames import _parse_dtype
+from ..buffers import snapshot
 from .core import ChannelCore, get_or_stop
+
+log = logging.getLogger("zipcomm.channels")
 
 # Without the item coming back this long, ask the controller for the root again and
 # re-send (de-duplicated). A lost connection to the root re-sends at once, and so does
 # a new root term (seen in a re-wiring or in the stream): the old root may have left,
 # or dropped what it was handed while it was leaving.
 RESUBMIT_AFTER = 10.0
+
+# A large array goes to a remote root as parts, and the root publishes each part as it arrives
+# (the item is pipelined from the sender through the root and the tree). A sender that stops
+# sending parts for this long loses its place; its send() re-submits the item later.
+RELAY_IDLE = 5.0
+GATHERS = 16  # items of other senders gathered whole at the root while one is relayed
+
+
+@dataclass(slots=True)
+class _Relay:
+    ident: tuple[int, int]  # (origin, msg_id)
+    n: int
+    next_i: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _Gather:
+    n: int
+    dtype: np.dtype
+    shape: tuple
+    buf: np.ndarray  # flat uint8
+    next_i: int = 0
+    offset: int = 0
+
+
+def _part_spec(msg: m.Submit) -> tuple[int, int, np.dtype, tuple] | None:
+    """(i, n, dtype, shape) of a submitted part, or None if it is malformed."""
+    part, data = msg.part, msg.data
+    if type(part) is not list or len(part) != 4 or not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        return None
+    i, n, dt, shape = part
+    dtype = _parse_dtype(dt) if type(dt) is str else None
+    if (type(i) is not int or type(n) is not int or not 0 <= i < n or dtype is None or type(shape) is not list
+            or len(shape) > 64 or not all(type(x) is int and x >= 0 for x in shape)):
+        return None
+    return i, n, dtype, tuple(shape)
 
 
 class BroadcastChannel(ChannelCore):
@@ -39,6 +83,8 @@ class BroadcastChannel(ChannelCore):
         self._root: list | None = None
         self._root_lost = asyncio.Event()
         self._stream_term = 0  # the term of the last item delivered here
+        self._relay: _Relay | None = None  # root: the item relayed as its parts arrive
+        self._gathers: dict[tuple[int, int], _Gather] = {}
 
     def resume(self, last_key: tuple, next_msg_id: int = 1, history=(),  # type: ignore[override]
                last_msg: dict | None = None) -> None:
@@ -95,14 +141,101 @@ class BroadcastChannel(ChannelCore):
         if root[0] == self.me:
             self._submit_here(submit, owned)
             return
-        self.rt.send_to(root[0], root[1], submit)
+        for piece in self._parts_of(submit):
+            self.rt.send_to(root[0], root[1], piece)
         await self.rt.drain_to(root[0])
+
+    def _parts_of(self, submit: m.Submit) -> list[m.Submit]:
+        """A large array as parts (each is sent as soon as it is queued), anything else whole."""
+        data, chunk = submit.data, self.chunk_bytes
+        if not (chunk and type(data) is np.ndarray and data.nbytes >= 2 * chunk and data.flags.c_contiguous
+                and not data.dtype.hasobject):
+            return [submit]
+        flat = data.reshape(-1).view(np.uint8)
+        n = -(-flat.nbytes // chunk)
+        spec = [data.dtype.str, list(data.shape)]
+        return [m.Submit(channel=submit.channel, origin=submit.origin, msg_id=submit.msg_id, part=[i, n, *spec],
+                         data=flat[i * chunk:(i + 1) * chunk]) for i in range(n)]
+
+    # -- root: parts of a large item ------------------------------------------
+
+    def _sequence(self, msg: m.Submit) -> None:
+        if msg.part is None:
+            super()._sequence(msg)
+            return
+        if self.last_msg.get(msg.origin, -1) >= msg.msg_id:
+            return  # in the stream already
+        spec = _part_spec(msg)
+        if spec is None:
+            log.error("channel %s: malformed part submitted by %x; dropped", self.name, msg.origin)
+            return
+        i, n, dtype, shape = spec
+        ident = (msg.origin, msg.msg_id)
+        relay = self._relay
+        if relay is None and i == 0 and ident not in self._gathers:
+            relay = self._relay = _Relay(ident, n)
+            self.holding = True
+        if relay is not None and relay.ident == ident:
+            if i != relay.next_i and i != 0:
+                self._end_relay()  # a part lost on the way: the sender re-submits the item
+                return
+            if i == 0:
+                meta = {"k": "b", "m": {"origin": msg.origin, "msg_id": msg.msg_id}, "i": 0, "n": n,
+                        "dt": dtype.str, "sh": list(shape)}
+            else:
+                meta = {"i": i, "n": n}
+            self._publish_one("p", meta, msg.data)
+            relay.next_i = i + 1
+            if relay.timer is not None:
+                relay.timer.cancel()
+            if relay.next_i == n:
+                self.last_msg[msg.origin] = msg.msg_id
+                self._end_relay()
+            else:
+                relay.timer = asyncio.get_running_loop().call_later(RELAY_IDLE, self._relay_idle, relay)
+            return
+        self._gather(ident, i, n, dtype, shape, msg.data)
+
+    def _gather(self, ident: tuple[int, int], i: int, n: int, dtype: np.dtype, shape: tuple, data) -> None:
+        """Parts of a sender while another one's item is relayed: assembled here, then sequenced whole."""
+        gather = self._gathers.get(ident)
+        if i == 0:
+            while len(self._gathers) >= GATHERS:
+                self._gathers.pop(next(iter(self._gathers)))
+            nbytes = dtype.itemsize * int(np.prod(shape))
+            gather = self._gathers[ident] = _Gather(n, dtype, shape, self.rt.buffers.take(nbytes))
+        if gather is None or i != gather.next_i or n != gather.n or gather.offset + data.nbytes > gather.buf.nbytes:
+            self._gathers.pop(ident, None)
+            return
+        gather.buf[gather.offset:gather.offset + data.nbytes] = data
+        gather.offset += data.nbytes
+        gather.next_i += 1
+        if gather.next_i < n:
+            return
+        del self._gathers[ident]
+        if gather.offset != gather.buf.nbytes:
+            log.error("channel %s: parts submitted by %x do not add up; dropped", self.name, ident[0])
+            return
+        value = gather.buf.view(gather.dtype).reshape(gather.shape)
+        super()._sequence(m.Submit(channel=self.name, origin=ident[0], msg_id=ident[1], data=value))
+
+    def _relay_idle(self, relay: _Relay) -> None:
+        if self._relay is relay:
+            log.info("channel %s: the parts of %x's item stopped coming; the stream goes on without it",
+                     self.name, relay.ident[0])
+            self._end_relay()
+
+    def _end_relay(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is not None and relay.timer is not None:
+            relay.timer.cancel()
+        self.release()
 
     def _submit_here(self, submit: m.Submit, owned: bool = False) -> None:
         # The stream keeps the data after send() returns (sockets, repair history): it
         # must be ours, not the caller's buffer. A remote root receives its own copy.
         self.on_submit(m.Submit(channel=submit.channel, origin=submit.origin, msg_id=submit.msg_id,
-                                data=submit.data if owned else snapshot_payload(submit.data)))
+                                data=submit.data if owned else snapshot(submit.data, self.rt.buffers)))
 
     async def receive(self, *, timeout: float | None = None) -> Any:
         """The next broadcast sent by another member (in the channel's order)."""
@@ -122,9 +255,18 @@ class BroadcastChannel(ChannelCore):
         while not self.closed:
             await self.changed.wait()
 
+    def on_controller(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Gone) and self._relay is not None and self._relay.ident[0] == msg.member:
+            self._end_relay()  # its departure is not held up behind its unfinished item
+        super().on_controller(msg)
+
     def on_rewire(self, msg: m.Rewire) -> None:
         term = self.term
         super().on_rewire(msg)
+        if not self.is_root:
+            self._gathers.clear()
+            if self._relay is not None:
+                self._end_relay()
         if self.term != term:
             self._root_moved()
 
@@ -135,8 +277,9 @@ class BroadcastChannel(ChannelCore):
 
     async def _deliver(self, source: int | None, item: m.Item) -> None:
         if item.key[0] != self._stream_term:
+            if self._stream_term:  # (the first item we see is of the term we joined in)
+                self._root_moved()
             self._stream_term = item.key[0]
-            self._root_moved()
         await super()._deliver(source, item)
 
     async def on_item(self, item: m.Item) -> None:
@@ -159,6 +302,8 @@ class BroadcastChannel(ChannelCore):
             self._root_lost.set()
 
     def _fail_waiters(self, exc: BaseException) -> None:
+        if self._relay is not None:
+            self._end_relay()
         for ack in self._acks.values():
             if not ack.done():
                 ack.set_exception(exc)

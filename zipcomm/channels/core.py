@@ -178,6 +178,9 @@ class ChannelCore:
         self._asm: _Assembly | None = None  # the parts delivered
         self._placing: _Assembly | None = None  # the parts received in place (ahead of delivery)
         self._whole: dict[Key, np.ndarray] = {}
+        # Root: while a large item is relayed part by part as it arrives, nothing else may come
+        # between its parts in the stream: publish() defers to ``deferred`` (see ``release``).
+        self.holding = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -584,7 +587,7 @@ class ChannelCore:
         as parts (see ``CHUNK_BYTES``). Before the root has gathered its children's state the
         item waits."""
         assert self.is_root
-        if not self.root_ready:
+        if not self.root_ready or self.holding:
             if len(self.deferred) < ROOT_SUBMIT_QUEUE:
                 self.deferred.append((kind, meta, data))
             return
@@ -599,6 +602,14 @@ class ChannelCore:
                 self._publish_one("p", first if i == 0 else {"i": i, "n": n}, flat[i * chunk:(i + 1) * chunk])
             return
         self._publish_one(kind, meta, data)
+
+    def release(self) -> None:
+        """Root: the relayed item is complete (or abandoned): what waited for it follows."""
+        self.holding = False
+        if self.is_root and self.root_ready:
+            deferred, self.deferred = self.deferred, []
+            for kind, meta, data in deferred:
+                self.publish(kind, meta, data)
 
     def _publish_one(self, kind: str, meta: dict, data: Any) -> None:
         key = [self.term, self.next_n]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import FastOp, freeze, reduce_by_name, reduce_name, resolve_reduce
 from ..protocol import messages as m
-from ..protocol.payload import snapshot_payload
+from ..buffers import snapshot
 from .core import ChannelCore
 
 log = logging.getLogger("zipcomm.reduce")
@@ -116,7 +116,7 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} closed")
         if data is not _NOTHING:
-            data = snapshot_payload(data)  # refuses bad payloads here; the caller may reuse its buffer
+            data = snapshot(data, self.rt.buffers)  # refuses bad payloads here; the caller may reuse its buffer
         r, fut = self.start_round(data, allreduce=allreduce, want=want)
         if fut is None:
             if self.parent is not None:
@@ -384,6 +384,10 @@ class ReduceChannel(ReduceAPI, ChannelCore):
                 "other members' reduce_f is not a built-in (sum, min, max, zipcomm.SUM/MIN/MAX/PROD)"
             )
         if isinstance(reduce_f, FastOp):
+            if own_first:
+                # (commutative) into a received value, which is ours: no new array
+                values.append(values.pop(0))
+                own_first = False
             return reduce_f.combine(values, reuse_first=not own_first)
         return reduce_f(values)
 

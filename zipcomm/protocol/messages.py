@@ -333,6 +333,8 @@ class Submit(Message):
     channel: str = _str()
     origin: int = _int()
     msg_id: int = _int()
+    # one part of a large array, sent as parts: [i, n, dtype str, shape] (``data``: its bytes)
+    part: list | None = field(default=None, metadata={"kind": "list", "optional": True})
     data: Any = None
 
 
