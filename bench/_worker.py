@@ -163,6 +163,36 @@ class ZipcommBackend(WorkerBackend):
             raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
         zc, name, op = self.zc, self.cfg["prefix"], self.cfg["op"]
         self.rt = await zc.connect(self.cfg["controller"])
+        # A channel's tree root is its first member. MPI and gloo broadcast from and reduce to
+        # root rank 0; with --zipcomm-root rank0 (the default) rank 0 likewise creates the
+        # broadcast / reduce channel before the others join it, so it is the root; with "any"
+        # the ranks join at once and the root is whichever came first.
+        first = self.cfg.get("zipcomm_root", "rank0") == "rank0" and op in ("broadcast", "reduce")
+        if first:
+            self.bar = await self.rt.reduce_channel(f"{name}-barrier", reduce_f=zc.SUM)
+            while (count := await self._count()) != self.n:  # every rank is in the barrier channel
+                if count > self.n:
+                    raise WrongResult(f"barrier counted {count} contributors, expected {self.n}")
+            if self.rank == 0:
+                await self._join_op(op, name)
+            await self.barrier()  # complete only once rank 0 is in (and so the root)
+            if self.rank != 0:
+                await self._join_op(op, name)
+            await self.barrier()  # every rank is in the op channel
+            is_root = getattr(self.ch, "is_root", None)  # (behind a host daemon: its channel is)
+            if is_root is not None and is_root != (self.rank == 0):
+                raise WrongResult(f"rank {self.rank}: is_root={is_root} after rank 0 joined first")
+            return
+        await self._join_op(op, name)
+        self.bar = await self.rt.reduce_channel(f"{name}-barrier", reduce_f=zc.SUM)
+        # Every rank joined the op channel before the barrier channel, so once a barrier round
+        # counts all n contributors, every member of the op channel is in.
+        while (count := await self._count()) != self.n:
+            if count > self.n:
+                raise WrongResult(f"barrier counted {count} contributors, expected {self.n}")
+
+    async def _join_op(self, op: str, name: str) -> None:
+        zc = self.zc
         if op == "broadcast":
             self.ch = await self.rt.broadcast_channel(f"{name}-broadcast")
         elif op == "reduce":
@@ -173,12 +203,6 @@ class ZipcommBackend(WorkerBackend):
             self.ch = await self.rt.reduce_channel(f"{name}-allreduce", reduce_f=zc.SUM)
         else:
             self.ch = await self.rt.shuffle_channel(f"{name}-shuffle", role=zc.BOTH)
-        self.bar = await self.rt.reduce_channel(f"{name}-barrier", reduce_f=zc.SUM)
-        # Every rank joined the op channel before the barrier channel, so once a barrier round
-        # counts all n contributors, every member of the op channel is in.
-        while (count := await self._count()) != self.n:
-            if count > self.n:
-                raise WrongResult(f"barrier counted {count} contributors, expected {self.n}")
 
     def _on_reduce(self, result: Any, num_lambdas: int) -> None:
         self.num_lambdas = num_lambdas

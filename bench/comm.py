@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"--quick: {QUICK['n']})")
     p.add_argument("--reps", type=int, help=f"timed rounds per cell, after the warm-up rounds "
                    f"(default: {DEFAULTS['reps']}; --quick: {QUICK['reps']})")
+    p.add_argument("--zipcomm-root", choices=("rank0", "any"), default="rank0",
+                   help="zipcomm broadcast / reduce: rank 0 creates the channel before the others "
+                        "join, so it is the tree's root, as MPI's and gloo's root=0 (rank0); or "
+                        "all ranks join at once and the first one in is the root (any; rank 0 "
+                        "then sends to, or gets the result from, another member) (default: "
+                        "%(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="verified, untimed rounds before the "
                    "timed ones, the same for every backend: the figures are of the steady state "
                    "(connections open, receive buffers reused), as MPI benchmarks such as OSU's "
@@ -184,7 +190,8 @@ def run_cell(cell: dict, args: argparse.Namespace, ctx: dict) -> None:
         return
     backend: Backend = ctx["backends"][name]
     cfg = dict(backend=name, worker=backend.worker, op=cell["op"], size_bytes=cell["size_bytes"],
-               n=cell["n"], reps=cell["reps"], warmup=args.warmup, shuffle_items=args.shuffle_items, seed=args.seed,
+               n=cell["n"], reps=cell["reps"], warmup=args.warmup, zipcomm_root=args.zipcomm_root,
+               shuffle_items=args.shuffle_items, seed=args.seed,
                timeout=args.timeout, loop=args.loop,
                prefix=f"bench-{ctx['run_id']}-{name}-{cell['op']}-{cell['size_bytes']}-"
                       f"{cell['n']}".replace(" ", ""), **backend.worker_cfg())

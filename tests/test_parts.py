@@ -226,3 +226,18 @@ async def test_a_relay_whose_sender_stops_is_abandoned_and_the_stream_goes_on(sm
             # the abandoned item never reaches anyone
             with pytest.raises(zipcomm.CollectiveTimeout):
                 await bb.receive(timeout=0.3)
+
+
+async def test_a_part_announcing_an_array_beyond_the_frame_limit_is_refused(caplog) -> None:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a:
+            ch = await a.broadcast_channel("b")
+            huge = {"k": "b", "m": {"origin": 1, "msg_id": 1}, "i": 0, "n": 2, "dt": "<f8", "sh": [1 << 40]}
+            with caplog.at_level(logging.ERROR, logger="zipcomm.channels"):
+                await ch._on_item(None, m.Item(channel="b", key=[1, 1], prev=[0, 0], kind="p", meta=huge,
+                                               data=np.zeros(8, np.uint8)))
+                # and as a submitted part at the root: nothing is allocated for it
+                ch._sequence(m.Submit(channel="b", origin=5, msg_id=1, part=[0, 2, "<f8", [1 << 40]],
+                                      data=np.zeros(8, np.uint8)))
+            assert "malformed first part" in caplog.text and "malformed part submitted" in caplog.text
+            assert ch._queue.empty() and not ch._gathers and ch._relay is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,8 @@ import numpy as np
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import freeze
 from ..protocol import messages as m
-from ..protocol.frames import _parse_dtype
 from ..buffers import snapshot
-from .core import ChannelCore, get_or_stop
+from .core import ChannelCore, array_spec, get_or_stop
 
 log = logging.getLogger("zipcomm.channels")
 
@@ -63,11 +63,10 @@ def _part_spec(msg: m.Submit) -> tuple[int, int, np.dtype, tuple] | None:
     if type(part) is not list or len(part) != 4 or not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         return None
     i, n, dt, shape = part
-    dtype = _parse_dtype(dt) if type(dt) is str else None
-    if (type(i) is not int or type(n) is not int or not 0 <= i < n or dtype is None or type(shape) is not list
-            or len(shape) > 64 or not all(type(x) is int and x >= 0 for x in shape)):
+    spec = array_spec(dt, shape)
+    if type(i) is not int or type(n) is not int or not 0 <= i < n or spec is None:
         return None
-    return i, n, dtype, tuple(shape)
+    return i, n, *spec
 
 
 class BroadcastChannel(ChannelCore):
@@ -202,7 +201,7 @@ class BroadcastChannel(ChannelCore):
         if i == 0:
             while len(self._gathers) >= GATHERS:
                 self._gathers.pop(next(iter(self._gathers)))
-            nbytes = dtype.itemsize * int(np.prod(shape))
+            nbytes = dtype.itemsize * math.prod(shape)
             gather = self._gathers[ident] = _Gather(n, dtype, shape, self.rt.buffers.take(nbytes))
         if gather is None or i != gather.next_i or n != gather.n or gather.offset + data.nbytes > gather.buf.nbytes:
             self._gathers.pop(ident, None)

@@ -71,6 +71,18 @@ class _Assembly:
     place_offset: int = 0
 
 
+def array_spec(dt: object, shape: object) -> tuple[np.dtype, tuple] | None:
+    """The dtype and shape a peer announced for a large array sent as parts, or None if they
+    are malformed (a dtype string as the frame codec accepts, a list of at most 64 sizes) or
+    larger than a frame may carry."""
+    dtype = _parse_dtype(dt) if type(dt) is str else None
+    if dtype is None or type(shape) is not list or len(shape) > 64 or not all(type(x) is int and x >= 0 for x in shape):
+        return None
+    if dtype.itemsize * math.prod(shape) > DEFAULT_LIMITS.max_buffers:
+        return None
+    return dtype, tuple(shape)
+
+
 def _spans(item: m.Item) -> bool:
     """Whether ``item`` stands for several consecutive stream keys (a large item as one, as a
     host daemon feeds it to its members): keys within a term follow each other, and the first
@@ -534,22 +546,18 @@ class ChannelCore:
         whole = self._whole.pop(key, None)
         for old in [k for k in self._whole if k < key]:
             del self._whole[old]
-        kind, inner, n, dt, shape = meta.get("k"), meta.get("m"), meta.get("n"), meta.get("dt"), meta.get("sh")
-        dtype = _parse_dtype(dt) if type(dt) is str else None
-        if (type(kind) is not str or kind == "p" or type(inner) is not dict or type(n) is not int or n < 1
-                or dtype is None or type(shape) is not list or len(shape) > 64
-                or not all(type(x) is int and x >= 0 for x in shape)):
+        kind, inner, n = meta.get("k"), meta.get("m"), meta.get("n")
+        spec = array_spec(meta.get("dt"), meta.get("sh"))
+        if type(kind) is not str or kind == "p" or type(inner) is not dict or type(n) is not int or n < 1 or not spec:
             log.error("channel %s: malformed first part at %s; dropped", self.name, key)
             return None
+        dtype, shape = spec
         nbytes = dtype.itemsize * math.prod(shape)
-        if nbytes > DEFAULT_LIMITS.max_buffers:
-            log.error("channel %s: a %d-byte item at %s is beyond the limit; dropped", self.name, nbytes, key)
-            return None
         if whole is not None and whole.nbytes == nbytes:
             buf, own = whole.reshape(-1).view(np.uint8), True
         else:
             buf, own = self.rt.buffers.take(nbytes), False
-        return _Assembly(first=key, prev=prev, kind=kind, meta=inner, n=n, dtype=dtype, shape=tuple(shape),
+        return _Assembly(first=key, prev=prev, kind=kind, meta=inner, n=n, dtype=dtype, shape=shape,
                          buf=buf, own=own, place_key=key)
 
     def place_part(self, header: dict, descriptors: list) -> list | None:
