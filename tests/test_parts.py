@@ -241,3 +241,20 @@ async def test_a_part_announcing_an_array_beyond_the_frame_limit_is_refused(capl
                                       data=np.zeros(8, np.uint8)))
             assert "malformed first part" in caplog.text and "malformed part submitted" in caplog.text
             assert ch._queue.empty() and not ch._gathers and ch._relay is None
+
+
+async def test_the_history_counts_whole_items_not_parts(monkeypatch) -> None:
+    monkeypatch.setattr(core, "HISTORY_ITEMS", 3)
+    history = core.History(max_bytes=1 << 30)
+    key = iter(range(1, 1000))
+    for msg in range(5):  # five items of 4 parts each
+        for i in range(4):
+            meta = {"k": "b", "m": {}, "i": 0, "n": 4, "dt": "|u1", "sh": [40]} if i == 0 else {"i": i, "n": 4}
+            history.append(m.Item(channel="c", key=[1, next(key)], prev=[1, 0], kind="p", meta=meta,
+                                  data=np.zeros(10, np.uint8)))
+    kept = [item for item in history if item.kind == "p" and item.meta["i"] == 0]
+    assert len(kept) == 3 and history.count == 3
+    # the parts of the three last items, and the later parts of the one before (a child that has its
+    # first parts can still complete it); they go with the next eviction
+    assert len(history) == 3 * 4 + 3
+    assert [item.meta["i"] for item in list(history)[:4]] == [1, 2, 3, 0]

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -48,7 +49,9 @@ Key = tuple[int, int]
 # A published array at least twice this size travels down the tree as parts of this size, each
 # its own stream item: a node forwards a part as soon as it has it, so the transfer is pipelined
 # through the tree instead of stored and forwarded whole at every level.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = int(os.environ.get("ZIPCOMM_CHUNK_BYTES", 4 << 20))  # (small values: for fault tests)
+if CHUNK_BYTES < 1024:
+    raise ValueError(f"ZIPCOMM_CHUNK_BYTES must be at least 1024, got {CHUNK_BYTES}")
 
 
 @dataclass(slots=True)
@@ -113,24 +116,34 @@ def _payload_size(data: Any) -> int:
 
 
 class History:
-    """The last items of a stream, bounded by count and bytes (at least one is kept)."""
+    """The last items of a stream, bounded by count and bytes (at least one is kept). The count
+    is of whole items: the parts of a large item after its first count as nothing (a child
+    re-wired mid-stream needs as many items as before, whatever their size)."""
 
     def __init__(self, max_bytes: int = HISTORY_BYTES) -> None:
         self.items: collections.deque[m.Item] = collections.deque()
         self.nbytes = 0
+        self.count = 0
         self.max_bytes = max_bytes
 
     def append(self, item: m.Item) -> None:
         self.items.append(item)
         self.nbytes += _payload_size(item.data)
-        while len(self.items) > HISTORY_ITEMS or (self.nbytes > self.max_bytes and len(self.items) > 1):
-            self.nbytes -= _payload_size(self.items.popleft().data)
+        self.count += _counted(item)
+        while self.count > HISTORY_ITEMS or (self.nbytes > self.max_bytes and len(self.items) > 1):
+            old = self.items.popleft()
+            self.nbytes -= _payload_size(old.data)
+            self.count -= _counted(old)
 
     def __iter__(self):
         return iter(self.items)
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def _counted(item: m.Item) -> int:
+    return 0 if item.kind == "p" and item.meta.get("i") else 1
 
 
 async def get_or_stop(queue: asyncio.Queue, stop: Any, timeout: float | None) -> tuple[str, Any]:

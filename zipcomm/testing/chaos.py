@@ -131,9 +131,11 @@ class ChaosMemberProcess(MemberProcess):
 
 
 class ChaosCluster(Cluster):
-    def __init__(self, n: int, *controller_args: str, daemons: int = 0, started: int | None = None) -> None:
+    def __init__(self, n: int, *controller_args: str, daemons: int = 0, started: int | None = None,
+                 env: dict | None = None) -> None:
         super().__init__(n, *controller_args, daemons=daemons)
-        self.members = [ChaosMemberProcess(mm.index, mm.env) for mm in self.members]
+        self.members = [ChaosMemberProcess(mm.index, {**(mm.env or {}), **(env or {})} or None)
+                        for mm in self.members]
         self.started = n if started is None else started
 
 
@@ -149,7 +151,12 @@ class Scenario:
     n: int = 5
     daemons: int = 0
     doc: str = ""
+    sizes: tuple[int, ...] = (1, 64, 2000)  # int64 elements per broadcast (one is drawn per run)
+    env: tuple[tuple[str, str], ...] = ()  # for the members
 
+
+# 16,000-byte broadcasts as 1,024-byte parts
+_PARTS = (("ZIPCOMM_CHUNK_BYTES", "1024"),)
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("bcast_kill_leaf", "kill", "leaf", ("b",), doc="SIGKILL a leaf mid-broadcast"),
@@ -168,6 +175,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("reduce_stop_cont", "stop", "interior", ("r",), doc="SIGSTOP then SIGCONT an interior member mid-allreduce"),
     Scenario("reduce_sysexit", "sysexit", "leaf", ("r",), n=6, doc="a leaf calls sys.exit mid-allreduce"),
     Scenario("reduce_leave", "leave", "interior", ("r",), n=6, doc="an interior member leaves gracefully mid-allreduce"),
+    Scenario("bcast_parts_kill_root", "kill", "root", ("b",), sizes=(2000,), env=_PARTS,
+             doc="SIGKILL the root mid-broadcast of items sent as parts (relayed from a sender that is "
+                 "not the root)"),
+    Scenario("bcast_parts_kill_interior", "kill", "interior", ("b",), sizes=(2000,), env=_PARTS,
+             doc="SIGKILL an interior member mid-broadcast of items sent as parts"),
     Scenario("mixed_kill_interior", "kill", "interior", ("b", "r"),
              doc="SIGKILL an interior member during a broadcast stream and allreduce rounds at once"),
     Scenario("shuffle_kill", "kill", "any", ("s",), doc="SIGKILL a member, then shuffles among the survivors"),
@@ -288,7 +300,7 @@ async def run_scenario_async(name: str, seed: int, *, verbose: bool = False) -> 
     ctx: _Ctx | None = None
     try:
         started = sc.n - 4 if sc.fault == "join_storm" else sc.n
-        c = ChaosCluster(sc.n, *CONTROLLER_ARGS, daemons=sc.daemons, started=started)
+        c = ChaosCluster(sc.n, *CONTROLLER_ARGS, daemons=sc.daemons, started=started, env=dict(sc.env))
         async with c:
             address = c.controller.address
             ctx = _Ctx(sc, seed, c, res)
@@ -377,7 +389,7 @@ async def _scenario(ctx: _Ctx) -> None:
     mid_end = rng.randint(60, 120)
     total = mid_end + 5  # the tail is sent after the fault and the convergence
     first = 10
-    size = rng.choice([1, 64, 2000])
+    size = rng.choice(list(sc.sizes))
     collects: dict[int, asyncio.Future] = {}
     rounds_calls: dict[int, asyncio.Future] = {}
     n_rounds = rng.randint(6, 10)
