@@ -189,6 +189,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
              doc="controller kill -9 and restart on its address mid-broadcast and mid-allreduce"),
     Scenario("daemon_kill", "daemon", "-", ("b",), n=4, daemons=2,
              doc="SIGKILL a host daemon (not the first) mid-broadcast: its members fall back to direct links"),
+    Scenario("daemon_kill_parts", "daemon", "-", ("b",), n=4, daemons=2, sizes=(2000,), env=_PARTS,
+             doc="SIGKILL a host daemon mid-broadcast of large items: its members fall back to direct "
+                 "links (a sender among them then sends parts, which the other daemon assembles)"),
     Scenario("daemon_kill_reduce", "daemon", "-", ("r",), n=4, daemons=2,
              doc="SIGKILL a host daemon (not the first) mid-allreduce: its members re-send the rounds without "
                  "a result directly"),
