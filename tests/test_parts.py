@@ -13,7 +13,7 @@ import pytest
 import zipcomm
 from zipcomm import runtime as runtime_mod
 from zipcomm.buffers import BufferPool
-from zipcomm.channels import core
+from zipcomm.channels import core, parts
 from zipcomm.protocol import messages as m
 from zipcomm.testing.wait import until
 
@@ -24,7 +24,7 @@ CHUNK = 64 * 1024
 
 @pytest.fixture
 def small_parts(monkeypatch):
-    monkeypatch.setattr(core, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(parts, "CHUNK_BYTES", CHUNK)
 
 
 async def test_a_large_broadcast_arrives_whole_from_parts_received_in_place(small_parts) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import zipcomm
+from zipcomm.buffers import BufferPool
 from zipcomm.protocol.frames import encode_frame
 from zipcomm.protocol.handshake import Handshake
 from zipcomm.protocol.limits import PREFIX
@@ -310,6 +311,7 @@ class _StubRuntime:
         self.heartbeat_timeout = 1.0
         self.sent: list = []
         self.tasks: set = set()
+        self.buffers = BufferPool()
 
     def send_to(self, member: int, address: str, msg) -> None:
         self.sent.append((member, msg))

@@ -22,7 +22,8 @@ from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import freeze
 from ..protocol import messages as m
 from ..buffers import snapshot
-from .core import ChannelCore, array_spec, get_or_stop
+from . import parts
+from .core import ChannelCore, get_or_stop
 
 log = logging.getLogger("zipcomm.channels")
 
@@ -63,7 +64,7 @@ def _part_spec(msg: m.Submit) -> tuple[int, int, np.dtype, tuple] | None:
     if type(part) is not list or len(part) != 4 or not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         return None
     i, n, dt, shape = part
-    spec = array_spec(dt, shape)
+    spec = parts.array_spec(dt, shape)
     if type(i) is not int or type(n) is not int or not 0 <= i < n or spec is None:
         return None
     return i, n, *spec
@@ -146,15 +147,12 @@ class BroadcastChannel(ChannelCore):
 
     def _parts_of(self, submit: m.Submit) -> list[m.Submit]:
         """A large array as parts (each is sent as soon as it is queued), anything else whole."""
-        data, chunk = submit.data, self.chunk_bytes
-        if not (chunk and type(data) is np.ndarray and data.nbytes >= 2 * chunk and data.flags.c_contiguous
-                and not data.dtype.hasobject):
+        if not parts.splittable(submit.data, self.chunk_bytes):
             return [submit]
-        flat = data.reshape(-1).view(np.uint8)
-        n = -(-flat.nbytes // chunk)
-        spec = [data.dtype.str, list(data.shape)]
+        spec, pieces = parts.split(submit.data, self.chunk_bytes)
+        n = len(pieces)
         return [m.Submit(channel=submit.channel, origin=submit.origin, msg_id=submit.msg_id, part=[i, n, *spec],
-                         data=flat[i * chunk:(i + 1) * chunk]) for i in range(n)]
+                         data=piece) for i, piece in enumerate(pieces)]
 
     # -- root: parts of a large item ------------------------------------------
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -29,8 +27,7 @@ import numpy as np
 
 from ..errors import ChannelClosed, MembershipError
 from ..protocol import messages as m
-from ..protocol.frames import _parse_dtype
-from ..protocol.limits import DEFAULT_LIMITS
+from . import parts
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -45,54 +42,6 @@ EARLY_LINKS = 4096
 EARLY_PER_CHILD = 4096
 
 Key = tuple[int, int]
-
-# A published array at least twice this size travels down the tree as parts of this size, each
-# its own stream item: a node forwards a part as soon as it has it, so the transfer is pipelined
-# through the tree instead of stored and forwarded whole at every level.
-CHUNK_BYTES = int(os.environ.get("ZIPCOMM_CHUNK_BYTES", 4 << 20))  # (small values: for fault tests)
-if CHUNK_BYTES < 1024:
-    raise ValueError(f"ZIPCOMM_CHUNK_BYTES must be at least 1024, got {CHUNK_BYTES}")
-
-
-@dataclass(slots=True)
-class _Assembly:
-    """One large item being received as parts (they are consecutive in the stream)."""
-
-    first: Key  # the key of the first part
-    prev: Key  # the key before the first part: the whole item's ``prev``
-    kind: str
-    meta: dict
-    n: int
-    dtype: np.dtype
-    shape: tuple
-    buf: np.ndarray  # flat uint8, the whole item's bytes
-    own: bool  # the root's own array: its parts need no copy
-    next_i: int = 0  # delivery: the next part and where it goes
-    offset: int = 0
-    place_i: int = 0  # reception: the next part received in place, its key and offset
-    place_key: Key = (0, 0)
-    place_offset: int = 0
-
-
-def array_spec(dt: object, shape: object) -> tuple[np.dtype, tuple] | None:
-    """The dtype and shape a peer announced for a large array sent as parts, or None if they
-    are malformed (a dtype string as the frame codec accepts, a list of at most 64 sizes) or
-    larger than a frame may carry."""
-    dtype = _parse_dtype(dt) if type(dt) is str else None
-    if dtype is None or type(shape) is not list or len(shape) > 64 or not all(type(x) is int and x >= 0 for x in shape):
-        return None
-    if dtype.itemsize * math.prod(shape) > DEFAULT_LIMITS.max_buffers:
-        return None
-    return dtype, tuple(shape)
-
-
-def _spans(item: m.Item) -> bool:
-    """Whether ``item`` stands for several consecutive stream keys (a large item as one, as a
-    host daemon feeds it to its members): keys within a term follow each other, and the first
-    key of a term is 1."""
-    (pt, pn), (kt, kn) = item.prev, item.key
-    return kn != (pn + 1 if pt == kt else 1)
-
 
 @dataclass(slots=True)
 class ChildState:
@@ -199,10 +148,8 @@ class ChannelCore:
         self.changed = asyncio.Event()  # pulsed on every state change a waiter may care about
         # large items: the part size (0: publish whole), the parts being received, and (root)
         # the arrays published as parts, by the key of their first part
-        self.chunk_bytes = CHUNK_BYTES
-        self._asm: _Assembly | None = None  # the parts delivered
-        self._placing: _Assembly | None = None  # the parts received in place (ahead of delivery)
-        self._whole: dict[Key, np.ndarray] = {}
+        self.chunk_bytes = parts.CHUNK_BYTES
+        self.assembler = parts.Assembler(name, runtime.buffers)
         # Root: while a large item is relayed part by part as it arrives, nothing else may come
         # between its parts in the stream: publish() defers to ``deferred`` (see ``release``).
         self.holding = False
@@ -473,7 +420,7 @@ class ChannelCore:
         if key <= self.last_key:
             return  # already delivered
         if tuple(item.prev) != self.last_key and not (
-                _spans(item) and tuple(item.prev) < self.last_key < key and self.last_key[0] == key[0]):
+                parts.spans(item) and tuple(item.prev) < self.last_key < key and self.last_key[0] == key[0]):
             # (the exception: an item standing for parts of which we hold the first ones)
             if len(self.pending) >= PENDING_ITEMS:
                 log.error("channel %s: stream gap at %s not filled; dropping %s", self.name, self.last_key, key)
@@ -489,7 +436,7 @@ class ChannelCore:
             log.debug("%x %s deliver %s after %s kind %s from %s", self.me, self.name, item.key, item.prev,
                       item.kind, f"{source:x}" if source else "-")
         if tuple(item.prev) != self.last_key:
-            self._asm = None  # a whole item replaces the parts we had of it
+            self.assembler.drop()  # a whole item replaces the parts we had of it
         self.last_key = tuple(item.key)  # type: ignore[assignment]
         self.history.append(item)
         for child in self.children.values():
@@ -499,13 +446,13 @@ class ChannelCore:
             if self.parent is not None and self.parent_linked:
                 self.send_parent(item)  # repair item from a child: flood toward the root
         if item.kind == "p":
-            whole = self._assemble(item)
+            whole = self.assembler.add(item)
             if whole is None:
                 self._pulse()
                 return
             item = whole
         else:
-            self._asm = None
+            self.assembler.drop()
         if item.kind == "b":
             origin, msg_id = item.meta["origin"], item.meta["msg_id"]
             if msg_id > self.last_msg.get(origin, -1):
@@ -513,116 +460,28 @@ class ChannelCore:
         await self.on_item(item)
         self._pulse()  # items the root publishes itself arrive through no peer message
 
-    def _assemble(self, part: m.Item) -> m.Item | None:
-        """Add one part of a large item; the whole item once its last part is here (its key is
-        the last part's, its ``prev`` the first part's). Parts that do not continue what we
-        have (we joined after the first part, or a new root re-publishes the item from its
-        start) drop the partial item: each stream position is delivered once either way."""
-        meta = part.meta
-        i, n, data = meta.get("i"), meta.get("n"), part.data
-        if type(i) is not int or type(n) is not int or not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-            log.error("channel %s: malformed part at %s; dropped", self.name, part.key)
-            self._asm = None
-            return None
-        if i == 0:
-            placing = self._placing
-            key = tuple(part.key)
-            if placing is not None and placing.first == key:
-                self._asm = placing  # its parts are being received in place
-            else:
-                self._asm = self._start_assembly(key, tuple(part.prev), meta)
-        asm = self._asm
-        if asm is None or i != asm.next_i or n != asm.n:
-            self._asm = None
-            return None
-        end = asm.offset + data.nbytes
-        if end > asm.buf.nbytes or (i == n - 1 and end != asm.buf.nbytes):
-            log.error("channel %s: parts at %s do not add up to the item's size; dropped", self.name, part.key)
-            self._asm = None
-            return None
-        if not asm.own:
-            if data.ctypes.data != asm.buf.ctypes.data + asm.offset:  # not received in place
-                asm.buf[asm.offset:end] = data
-                # The history serves the part from the whole item's memory: one copy held.
-                part.data = asm.buf[asm.offset:end]
-        asm.offset, asm.next_i = end, i + 1
-        if asm.next_i < n:
-            return None
-        self._asm = None
-        if self._placing is asm:
-            self._placing = None
-        value = asm.buf.view(asm.dtype).reshape(asm.shape)
-        return m.Item(channel=self.name, key=list(part.key), prev=list(asm.prev), kind=asm.kind, meta=asm.meta,
-                      data=value)
-
-    def _start_assembly(self, key: Key, prev: Key, meta: dict) -> _Assembly | None:
-        whole = self._whole.pop(key, None)
-        for old in [k for k in self._whole if k < key]:
-            del self._whole[old]
-        kind, inner, n = meta.get("k"), meta.get("m"), meta.get("n")
-        spec = array_spec(meta.get("dt"), meta.get("sh"))
-        if type(kind) is not str or kind == "p" or type(inner) is not dict or type(n) is not int or n < 1 or not spec:
-            log.error("channel %s: malformed first part at %s; dropped", self.name, key)
-            return None
-        dtype, shape = spec
-        nbytes = dtype.itemsize * math.prod(shape)
-        if whole is not None and whole.nbytes == nbytes:
-            buf, own = whole.reshape(-1).view(np.uint8), True
-        else:
-            buf, own = self.rt.buffers.take(nbytes), False
-        return _Assembly(first=key, prev=prev, kind=kind, meta=inner, n=n, dtype=dtype, shape=shape,
-                         buf=buf, own=own, place_key=key)
-
-    def place_part(self, header: dict, descriptors: list) -> list | None:
-        """Called as a peer frame's header arrives, before its body: if it is the next part of
-        the large item being received, its bytes go straight into their place in the whole
-        item's array (no copy, no fresh memory). None: receive it into a new array."""
-        if len(descriptors) != 1 or descriptors[0][0] != "nd" or descriptors[0][1] != np.uint8:
-            return None
-        meta, key, prev = header.get("meta"), header.get("key"), header.get("prev")
-        if type(meta) is not dict or type(key) is not list or type(prev) is not list or len(key) != 2 \
-                or len(prev) != 2 or not all(type(x) is int for x in key + prev):
-            return None
-        i, size, key = meta.get("i"), descriptors[0][3], tuple(key)
-        if i == 0:
-            if key <= self.last_key or (self._asm is not None and self._asm.first == key) or (
-                    self._placing is not None and self._placing.first == key):
-                return None
-            asm = self._start_assembly(key, tuple(prev), meta)
-            if asm is None or asm.own:
-                return None
-            self._placing = asm
-        else:
-            asm = self._placing
-            if asm is None or i != asm.place_i or key != asm.place_key:
-                return None
-        end = asm.place_offset + size
-        if end > asm.buf.nbytes:
-            return None
-        view = asm.buf[asm.place_offset:end]
-        asm.place_i, asm.place_offset, asm.place_key = asm.place_i + 1, end, (key[0], key[1] + 1)
-        return [view]
-
     def publish(self, kind: str, meta: dict, data: Any) -> None:
         """Root only: append an item to the stream (delivered here and sent down); a large array
-        as parts (see ``CHUNK_BYTES``). Before the root has gathered its children's state the
+        as parts (see ``parts``). Before the root has gathered its children's state the
         item waits."""
         assert self.is_root
         if not self.root_ready or self.holding:
             if len(self.deferred) < ROOT_SUBMIT_QUEUE:
                 self.deferred.append((kind, meta, data))
             return
-        chunk = self.chunk_bytes
-        if (chunk and type(data) is np.ndarray and data.nbytes >= 2 * chunk and data.flags.c_contiguous
-                and not data.dtype.hasobject):
-            flat = data.reshape(-1).view(np.uint8)
-            n = -(-flat.nbytes // chunk)
-            self._whole[(self.term, self.next_n)] = data
-            first = {"k": kind, "m": meta, "i": 0, "n": n, "dt": data.dtype.str, "sh": list(data.shape)}
-            for i in range(n):
-                self._publish_one("p", first if i == 0 else {"i": i, "n": n}, flat[i * chunk:(i + 1) * chunk])
+        if parts.splittable(data, self.chunk_bytes):
+            (dt, shape), pieces = parts.split(data, self.chunk_bytes)
+            self.assembler.whole[(self.term, self.next_n)] = data
+            n = len(pieces)
+            for i, piece in enumerate(pieces):
+                self._publish_one("p", {"k": kind, "m": meta, "i": 0, "n": n, "dt": dt, "sh": shape} if i == 0
+                                  else {"i": i, "n": n}, piece)
             return
         self._publish_one(kind, meta, data)
+
+    def place_part(self, header: dict, descriptors: list) -> list | None:
+        """Where a part of a large item is received (see ``parts.Assembler.place``)."""
+        return self.assembler.place(header, descriptors, self.last_key)
 
     def release(self) -> None:
         """Root: the relayed item is complete (or abandoned): what waited for it follows."""
