@@ -61,6 +61,9 @@ class Changes:
     removed: Hashable | None = None
 
 
+# Rewire(*fields) without the Python-level __new__ a NamedTuple has (Tree.join makes two per join).
+_new_rewire = tuple.__new__
+
 # The depth index of a tree with at most one member: immutable, so that a lone root costs no list
 # and anything that would index it by mistake fails loudly (the second join builds the index).
 _NO_LEVELS: tuple = ()
@@ -152,9 +155,33 @@ class Tree:
             return Changes([Rewire(member, None, (), 0)], root_changed=True)
         if not self._levels:
             self._index_root()
-        parent = self._take_open_node()
-        self._attach_leaf(member, parent)
-        return Changes([self._rewire(member), self._rewire(parent)], root_changed=False)
+        # _take_open_node + _attach_leaf, spelled out: this is the controller's hot path (a join
+        # storm of one channel), and the helpers' calls cost more than their work.
+        open_nodes = self._open
+        self.work += len(open_nodes)
+        parent_depth = min(open_nodes)
+        bucket = open_nodes[parent_depth]
+        parent = next(iter(bucket))
+        kids = self._children[parent]
+        kids.append(member)
+        depth = parent_depth + 1
+        self._parent[member] = parent
+        self._children[member] = []
+        self._depth[member] = depth
+        levels = self._levels
+        if depth == len(levels):
+            levels.append(OrderedDict())
+        levels[depth][member] = None
+        leaves = open_nodes.get(depth)  # a new leaf has free slots (fanout >= 2)
+        if leaves is None:
+            leaves = open_nodes[depth] = OrderedDict()
+        leaves[member] = None
+        if len(kids) >= self.fanout:  # the parent is full now (else it keeps its place in its bucket)
+            del bucket[parent]
+            if not bucket:
+                del open_nodes[parent_depth]
+        return Changes([_new_rewire(Rewire, (member, parent, (), depth)),
+                        _new_rewire(Rewire, (parent, self._parent[parent], tuple(kids), parent_depth))], False)
 
     def remove(self, member: Hashable) -> Changes:
         """Graceful leave or failure: same repair, touching only the member's neighbours.

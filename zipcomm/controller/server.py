@@ -126,12 +126,13 @@ class Controller:
         monotonic = time.monotonic
         try:
             while True:
-                frame = await conn.recv()  # returns at once while a read's frames are queued
+                frames = await conn.recv_batch()  # every frame its reads delivered so far
                 session.last_seen = monotonic()
-                handler = requests.get(frame.header["op"])
-                if handler is None:
-                    raise RemoteProtocolError(f"op {m.decode(frame).OP!r} is not a controller request")
-                handler(session, frame)
+                for frame in frames:
+                    handler = requests.get(frame.header["op"])
+                    if handler is None:
+                        raise RemoteProtocolError(f"op {m.decode(frame).OP!r} is not a controller request")
+                    handler(session, frame)
         except (ConnectionClosed, ProtocolError) as exc:
             log.info("member %x session ended: %s", member, exc)
         finally:
@@ -161,7 +162,10 @@ class Controller:
             msg: m.Join = m.Join.from_frame(frame)  # type: ignore[assignment]
             req, channel, kind, role, hint, member = msg.req, msg.channel, msg.kind, msg.role, msg.epoch_hint, msg.member
         try:
-            member = self._acting(session, member, channel, register=True)
+            if member is None or member == session.member:
+                member = session.member
+            elif self._owner.get(member) is not session:  # else a member this session hosts already
+                member = self._acting(session, member, channel, register=True)
             try:
                 result, pushes = self.state.join(member, channel, kind, role, hint)
             except MembershipError:

@@ -90,14 +90,25 @@ class ControllerState:
         meta.roles[member] = role_name
         channels.add(meta.name)
         changes = meta.tree.join(member)
-        pushes = self._apply(meta, changes, skip=member)
-        own = changes.rewires[0]  # Tree.join names the joiner first, and makes it a leaf
+        # _apply(meta, changes, skip=member), spelled out for the one or two rewires of a join: Tree.join
+        # names the joiner first (a leaf: the reply tells it its place), then its new parent, if any.
+        epoch = meta.epoch = meta.epoch + 1
+        if changes.root_changed:
+            meta.term = epoch
+        term = meta.term
+        (_, parent, _, depth), *others = changes.rewires
+        wire = self._wire
+        pushes: list[Push] = [
+            (other, Rewire(meta.name, epoch, None if above is None else wire(meta, above), self._wires(meta, below),
+                           level, term, None))
+            for other, above, below, level in others
+        ]
         return {
-            "epoch": meta.epoch,
-            "parent": None if own.parent is None else self._wire(meta, own.parent),
-            "children": [self._wire(meta, c) for c in own.children] if own.children else [],
-            "depth": own.depth,
-            "term": meta.term,
+            "epoch": epoch,
+            "parent": None if parent is None else wire(meta, parent),
+            "children": [],
+            "depth": depth,
+            "term": term,
         }, pushes
 
     def leave(self, member: int, channel: str) -> list[Push]:
@@ -119,7 +130,7 @@ class ControllerState:
     def member_list(self, channel: str) -> dict:
         meta = self._meta(channel)
         members = sorted(meta.tree)
-        return {"epoch": meta.epoch, "members": [self._wire(meta, m) for m in members]}
+        return {"epoch": meta.epoch, "members": self._wires(meta, members)}
 
     def rebalance(self, channel: str) -> list[Push]:
         meta = self._meta(channel)
@@ -156,16 +167,13 @@ class ControllerState:
         meta.epoch += 1
         if changes.root_changed:
             meta.term = meta.epoch
-        wire = self._wire
+        wire, wires = self._wire, self._wires
         name, epoch, term, removed = meta.name, meta.epoch, meta.term, changes.removed
         return [
-            (
-                rw.member,
-                Rewire(name, epoch, None if rw.parent is None else wire(meta, rw.parent),
-                       [wire(meta, c) for c in rw.children], rw.depth, term, removed),
-            )
-            for rw in changes.rewires
-            if rw.member != skip
+            (member, Rewire(name, epoch, None if parent is None else wire(meta, parent), wires(meta, children),
+                            depth, term, removed))
+            for member, parent, children, depth in changes.rewires
+            if member != skip
         ]
 
     def _wire(self, meta: ChannelMeta, member: int) -> tuple:
@@ -174,3 +182,15 @@ class ControllerState:
         if wired[3] is not role:  # roles are interned: see _ROLE_NAMES
             wired = self.members[member] = (member, wired[1], wired[2], role)
         return wired
+
+    def _wires(self, meta: ChannelMeta, ids) -> list[tuple]:
+        """``[self._wire(meta, m) for m in ids]`` in one call (a rewire names up to fanout children)."""
+        members, roles = self.members, meta.roles
+        out = []
+        for member in ids:
+            wired = members[member]
+            role = roles.get(member, _MEMBER)
+            if wired[3] is not role:
+                wired = members[member] = (member, wired[1], wired[2], role)
+            out.append(wired)
+        return out

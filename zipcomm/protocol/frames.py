@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -26,7 +27,7 @@ import numpy as np
 from ..errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError, UnsupportedPayload
 from .limits import DEFAULT_LIMITS, KNOWN_FLAGS, MAGIC, PREFIX, PREFIX_SIZE, VERSION, Limits
 
-__all__ = ["Frame", "FrameDecoder", "encode_frame", "array_problem", "WINDOW_SIZE"]
+__all__ = ["Frame", "FrameDecoder", "encode_frame", "encode_control_frame", "array_problem", "WINDOW_SIZE"]
 
 # Big enough that a burst of small frames is parsed from one receive call,
 # small enough to stay cache-resident.
@@ -71,30 +72,58 @@ def encode_frame(
     buffers until the transport has sent them.  ``"bufs"`` is added to a copy
     of ``header`` only when there are buffers, to keep control frames lean.
     """
+    if not buffers:
+        return [encode_control_frame(header, limits)]
     if not isinstance(header, dict) or type(header.get("op")) is not str:
         raise LocalProtocolError(f"a frame header must be a dict with a str 'op', got {header!r:.200}")
     if "bufs" in header:
         raise LocalProtocolError("header key 'bufs' is reserved for the buffer descriptors")
-    views: list[memoryview] = []
-    total = 0
-    if buffers:
-        if len(buffers) > limits.max_buffer_count:
-            raise LocalProtocolError(f"{len(buffers)} buffers exceed the limit of {limits.max_buffer_count}")
-        described = [_describe(buffer, index) for index, buffer in enumerate(buffers)]
-        total = sum(view.nbytes for _, view in described)
-        if total > limits.max_buffers:
-            raise LocalProtocolError(f"frame buffers of {total} bytes exceed the limit of {limits.max_buffers} bytes")
-        views = [view for _, view in described if view.nbytes]
-        header = {**header, "bufs": [descriptor for descriptor, _ in described]}
+    if len(buffers) > limits.max_buffer_count:
+        raise LocalProtocolError(f"{len(buffers)} buffers exceed the limit of {limits.max_buffer_count}")
+    described = [_describe(buffer, index) for index, buffer in enumerate(buffers)]
+    total = sum(view.nbytes for _, view in described)
+    if total > limits.max_buffers:
+        raise LocalProtocolError(f"frame buffers of {total} bytes exceed the limit of {limits.max_buffers} bytes")
+    views = [view for _, view in described if view.nbytes]
+    header = {**header, "bufs": [descriptor for descriptor, _ in described]}
+    return [_prefixed_header(header, total, limits), *views]
+
+
+def encode_control_frame(header: dict, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """A frame without buffers as one ``bytes`` (what ``encode_frame(header)`` returns as its only piece)."""
+    if not isinstance(header, dict) or type(header.get("op")) is not str:
+        raise LocalProtocolError(f"a frame header must be a dict with a str 'op', got {header!r:.200}")
+    if "bufs" in header:
+        raise LocalProtocolError("header key 'bufs' is reserved for the buffer descriptors")
+    return _prefixed_header(header, 0, limits)
+
+
+# One msgpack Packer per thread, reused: msgpack.packb() builds a Packer (and mallocs its 256 KiB
+# buffer) on every call, which cost more than packing a control frame's header. A Packer is not
+# thread-safe, hence one per thread; packing plain data runs no Python code, so it is not re-entered.
+_packers = threading.local()
+
+
+def _prefixed_header(header: dict, buffers_len: int, limits: Limits) -> bytes:
+    """Prefix + msgpack header of a checked ``header``."""
     try:
-        packed = msgpack.packb(header)
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer().pack
+    try:
+        packed = pack(header)
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode the header of op {header['op']!r}: {exc}") from exc
-    if len(packed) > limits.max_header:
+    n = len(packed)
+    if n > limits.max_header:
         raise LocalProtocolError(
-            f"header of op {header['op']!r} is {len(packed)} bytes, over the limit of {limits.max_header} bytes"
+            f"header of op {header['op']!r} is {n} bytes, over the limit of {limits.max_header} bytes"
         )
-    return [PREFIX.pack(MAGIC, VERSION, 0, 0, len(packed), total) + packed, *views]
+    return _pack_prefix(MAGIC, VERSION, 0, 0, n, buffers_len) + packed
+
+
+_pack_prefix = PREFIX.pack
+_unpack_prefix = PREFIX.unpack_from
 
 
 def array_problem(array: np.ndarray) -> str | None:
@@ -170,6 +199,7 @@ class FrameDecoder:
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self._limits = limits
+        self._caps = _caps_for(limits)
         self._window = memoryview(bytearray(WINDOW_SIZE))
         self._start = 0  # first unparsed byte in the window
         self._end = 0  # one past the last received byte in the window
@@ -247,10 +277,13 @@ class FrameDecoder:
             raise self._error.with_traceback(None)
 
     def _parse_window(self) -> list[Frame]:
-        frames = []
+        frames: list[Frame] = []
         while self._target is None:
             available = self._end - self._start
             if self._state is _PREFIX_STATE:
+                if available >= PREFIX_SIZE:
+                    self._parse_small_frames(frames)
+                    available = self._end - self._start
                 if available < PREFIX_SIZE:
                     break
                 self._parse_prefix()
@@ -266,6 +299,29 @@ class FrameDecoder:
         if self._start == self._end:
             self._start = self._end = 0
         return frames
+
+    def _parse_small_frames(self, frames: list[Frame]) -> None:
+        """The fast path of a burst of control frames: decode every frame that lies whole in the
+        window and carries no buffer bytes, in one loop. It stops at anything else (a frame still
+        arriving, one with buffers, a prefix to refuse), which the general path then handles
+        from the same position, so every check and error stays the general path's."""
+        window, start, end = self._window, self._start, self._end
+        limits, caps = self._limits, self._caps
+        max_header = limits.max_header
+        try:
+            while end - start >= PREFIX_SIZE:
+                magic, version, flags, reserved, header_len, buffers_len = _unpack_prefix(window, start)
+                stop = start + PREFIX_SIZE + header_len
+                if (buffers_len or stop > end or magic != MAGIC or version != VERSION or flags & ~KNOWN_FLAGS
+                        or reserved or header_len > max_header):
+                    break
+                header, descriptors = _decode_header(window[start + PREFIX_SIZE : stop], 0, limits, caps)
+                if descriptors:  # zero-length buffers, still described: the general path makes them
+                    break
+                start = stop
+                frames.append(Frame(header, []))
+        finally:
+            self._start = start
 
     def _parse_prefix(self) -> None:
         magic, version, flags, reserved, header_len, buffers_len = PREFIX.unpack_from(self._window, self._start)
@@ -314,20 +370,7 @@ class FrameDecoder:
         self._state = _BODY_STATE
 
     def _parse_header(self, data: memoryview) -> tuple[dict, list]:
-        try:
-            header = msgpack.unpackb(data, raw=False, strict_map_key=False, **self._limits.unpacker_caps(len(data)))
-        except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise RemoteProtocolError(f"frame header is not valid msgpack: {exc!r:.200}") from exc
-        if type(header) is not dict:
-            raise RemoteProtocolError(f"frame header must be a msgpack map, got {type(header).__name__}")
-        if type(header.get("op")) is not str:
-            raise RemoteProtocolError(f"frame header has no str 'op' (got {header.get('op')!r:.100})")
-        for key in header:
-            if type(key) is not str:
-                raise RemoteProtocolError(f"frame header keys must be str, got {key!r:.100}")
-        descriptors = header.pop("bufs", [])
-        _check_descriptors(descriptors, self._buffers_len, self._limits)
-        return header, descriptors
+        return _decode_header(data, self._buffers_len, self._limits, self._caps)
 
     def _copy_window_into_body(self) -> bool:
         """Move body bytes already in the window into the buffers; True once all are full."""
@@ -348,6 +391,59 @@ class FrameDecoder:
         self._views = []
         self._state = _PREFIX_STATE
         return frame
+
+
+# The msgpack caps of a header (Limits.unpacker_caps) by header length, shared by all decoders of
+# equal limits: building them for every frame cost as much as decoding a small header.
+_CAP_NAMES = ("max_str_len", "max_bin_len", "max_ext_len", "max_array_len", "max_map_len")
+_CACHED_CAPS_BELOW = 4096  # header lengths whose caps are kept (control frames)
+_CAPS_BY_LIMITS: dict[Limits, dict[int, tuple[int, ...]]] = {}
+
+
+def _caps_for(limits: Limits) -> dict[int, tuple[int, ...]]:
+    caps = _CAPS_BY_LIMITS.get(limits)
+    if caps is None:
+        caps = {}
+        if len(_CAPS_BY_LIMITS) < 64:
+            _CAPS_BY_LIMITS[limits] = caps
+    return caps
+
+
+def _decode_header(data: memoryview, buffers_len: int, limits: Limits,
+                   cache: dict[int, tuple[int, ...]]) -> tuple[dict, list]:
+    """The checked header dict of a frame (without "bufs") and its validated buffer descriptors."""
+    n = len(data)
+    caps = cache.get(n)
+    if caps is None:
+        named = limits.unpacker_caps(n)
+        if set(named) != set(_CAP_NAMES):
+            raise RuntimeError(f"Limits.unpacker_caps gave {sorted(named)}, the decoder passes {_CAP_NAMES}")
+        caps = tuple(named[name] for name in _CAP_NAMES)
+        if n < _CACHED_CAPS_BELOW:
+            cache[n] = caps
+    max_str, max_bin, max_ext, max_array, max_map = caps
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=False, max_str_len=max_str, max_bin_len=max_bin,
+                                 max_ext_len=max_ext, max_array_len=max_array, max_map_len=max_map)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise RemoteProtocolError(f"frame header is not valid msgpack: {exc!r:.200}") from exc
+    if type(header) is not dict:
+        raise RemoteProtocolError(f"frame header must be a msgpack map, got {type(header).__name__}")
+    if type(header.get("op")) is not str:
+        raise RemoteProtocolError(f"frame header has no str 'op' (got {header.get('op')!r:.100})")
+    for key in header:
+        if type(key) is not str:
+            raise RemoteProtocolError(f"frame header keys must be str, got {key!r:.100}")
+    if "bufs" not in header:
+        if buffers_len:
+            raise RemoteProtocolError(f"buffer descriptors add up to 0 bytes but the prefix announces {buffers_len}")
+        return header, _NO_DESCRIPTORS
+    descriptors = header.pop("bufs")
+    _check_descriptors(descriptors, buffers_len, limits)
+    return header, descriptors
+
+
+_NO_DESCRIPTORS: list = []  # never modified: _allocate only reads it
 
 
 def _check_descriptors(descriptors: object, buffers_len: int, limits: Limits) -> None:

@@ -246,6 +246,13 @@ class Rewire(Message):
     removed: int | None = _int(optional=True, default=None)
     to: int | None = _int(optional=True, default=None)  # the hosted member this is for (see Join)
 
+    def to_frame(self) -> tuple[dict, list]:
+        # Message.to_frame spelled out (same header, same key order): the controller sends one
+        # rewire per join.
+        return {"op": "rewire", "channel": self.channel, "epoch": self.epoch, "parent": self.parent,
+                "children": self.children, "depth": self.depth, "term": self.term, "removed": self.removed,
+                "to": self.to}, []
+
 
 @op("gone")
 @dataclass(slots=True)

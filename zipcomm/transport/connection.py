@@ -25,7 +25,7 @@ from ..errors import (
     ProtocolError,
     ZipTimeout,
 )
-from ..protocol.frames import Frame, FrameDecoder, encode_frame
+from ..protocol.frames import Frame, FrameDecoder, encode_control_frame, encode_frame
 from ..protocol.handshake import Handshake
 from ..protocol.limits import DEFAULT_LIMITS, Limits
 
@@ -89,12 +89,22 @@ class Connection:
         :meth:`flush` and :meth:`aclose` write them first; :meth:`abort` drops them."""
         if self._error is not None:
             raise self._closed_error()
-        pieces = encode_frame(header, buffers, self._limits)
-        if not self._soon:
+        if buffers:
+            pieces = encode_frame(header, buffers, self._limits)
+            nbytes = sum(map(len, pieces))  # bytes and flat uint8 memoryviews
+        else:  # a control frame (a reply, a push): one piece
+            piece = encode_control_frame(header, self._limits)
+            pieces = (piece,)
+            nbytes = len(piece)
+        soon = self._soon
+        if not soon:
             asyncio.get_running_loop().call_soon(self._write_soon)
-        self._soon += pieces
-        self._soon_bytes += sum(map(len, pieces))  # bytes and flat uint8 memoryviews
-        self._check_outbound(self._soon_bytes)
+        soon += pieces
+        pending = self._soon_bytes = self._soon_bytes + nbytes
+        transport = self._transport
+        assert transport is not None
+        if transport.get_write_buffer_size() + pending > self._max_outbound:
+            self._check_outbound(pending)
 
     def _write_soon(self) -> None:
         pieces, self._soon = self._soon, []
@@ -184,6 +194,22 @@ class Connection:
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
         return frame
+
+    async def recv_batch(self) -> list[Frame]:
+        """Every frame received and not yet delivered (at least one): what ``recv()`` would return
+        call after call without waiting, in one list. Raises like :meth:`recv`."""
+        while not self._frames:
+            if self._error is not None:
+                raise self._closed_error()
+            self._frame_ready.clear()
+            await self._frame_ready.wait()
+        frames = list(self._frames)
+        self._frames.clear()
+        if self._paused_reading:
+            self._paused_reading = False
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+        return frames
 
     # -- lifecycle -----------------------------------------------------------
 
