@@ -4,6 +4,7 @@ peers of one network namespace talk over a Unix socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -27,31 +28,33 @@ def small_parts(monkeypatch):
     monkeypatch.setattr(parts, "CHUNK_BYTES", CHUNK)
 
 
-async def test_a_large_broadcast_arrives_whole_from_parts_received_in_place(small_parts) -> None:
+@contextlib.asynccontextmanager
+async def broadcast_members(n: int):
+    """``n`` runtimes on a fan-out 2 controller, each in broadcast channel "big" (the first is its root)."""
     async with zipcomm.Controller("127.0.0.1:0", fanout=2) as ctl:
-        rts = [zipcomm.connect(ctl.address) for _ in range(5)]
-        for rt in rts:
-            await rt.start()
-        try:
-            chs = [await rt.broadcast_channel("big") for rt in rts]
-            rng = np.random.default_rng(1)
-            for sender in (0, 3, 0):  # the root, then a member deeper in the tree
-                x = rng.standard_normal((301, 517))  # 1.2 MB: 19 parts, the last one short
-                others = [c for i, c in enumerate(chs) if i != sender]
-                got = await asyncio.gather(chs[sender].send(x), *[c.receive(timeout=20) for c in others])
-                for y in got[1:]:
-                    assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(y, x)
-                    assert not y.flags.writeable
-            for i, (rt, ch) in enumerate(zip(rts, chs)):
-                parts = [item for item in ch.history if item.kind == "p"]
-                assert len(parts) == 3 * 19, f"member {i}: {len(parts)} parts in its history"
-                if i:
-                    # received straight into the whole array: it is a view of a pooled buffer
-                    assert any(np.shares_memory(y, buf) for buf in rt.buffers._bufs for y in [got[-1]]) or \
-                        any(np.shares_memory(item.data, buf) for buf in rt.buffers._bufs for item in parts)
-        finally:
-            for rt in rts:
-                await rt.aclose()
+        async with contextlib.AsyncExitStack() as stack:
+            rts = [await stack.enter_async_context(zipcomm.connect(ctl.address)) for _ in range(n)]
+            yield [await rt.broadcast_channel("big") for rt in rts]
+
+
+async def test_a_large_broadcast_arrives_whole_from_parts_received_in_place(small_parts) -> None:
+    async with broadcast_members(5) as chs:
+        rts = [ch.rt for ch in chs]
+        rng = np.random.default_rng(1)
+        for sender in (0, 3, 0):  # the root, then a member deeper in the tree
+            x = rng.standard_normal((301, 517))  # 1.2 MB: 19 parts, the last one short
+            others = [c for i, c in enumerate(chs) if i != sender]
+            got = await asyncio.gather(chs[sender].send(x), *[c.receive(timeout=20) for c in others])
+            for y in got[1:]:
+                assert y.dtype == x.dtype and y.shape == x.shape and np.array_equal(y, x)
+                assert not y.flags.writeable
+        for i, (rt, ch) in enumerate(zip(rts, chs)):
+            held = [item for item in ch.history if item.kind == "p"]
+            assert len(held) == 3 * 19, f"member {i}: {len(held)} parts in its history"
+            if i:
+                # received straight into the whole array: it is a view of a pooled buffer
+                assert any(np.shares_memory(y, buf) for buf in rt.buffers._bufs for y in [got[-1]]) or \
+                    any(np.shares_memory(item.data, buf) for buf in rt.buffers._bufs for item in held)
 
 
 async def test_parts_go_in_place_and_the_pool_serves_the_next_item(small_parts) -> None:
@@ -173,33 +176,25 @@ async def test_two_members_broadcasting_large_items_at_once_through_a_remote_roo
     """Each sender's parts are relayed by the root as they arrive; a second sender's parts, coming
     in meanwhile, are gathered whole and follow: every member gets both items, whole, in one
     order."""
-    async with zipcomm.Controller("127.0.0.1:0", fanout=2) as ctl:
-        rts = [zipcomm.connect(ctl.address) for _ in range(4)]
-        for rt in rts:
-            await rt.start()
-        try:
-            chs = [await rt.broadcast_channel("big") for rt in rts]
-            assert chs[0].is_root
-            x = np.arange(200_000, dtype=np.float64)  # 1.6 MB: 25 parts
-            y = -np.arange(150_000, dtype=np.int32).reshape(1000, 150)
-            sends = [chs[1].send(x), chs[2].send(y)]
-            got = await asyncio.gather(*sends, *[chs[i].receive(timeout=20) for i in (0, 3)],
-                                       *[chs[i].receive(timeout=20) for i in (0, 3)])
-            orders = []
-            for member, first, second in ((0, got[2], got[4]), (3, got[3], got[5])):
-                order = [a.dtype.str for a in (first, second)]
-                orders.append(order)
-                for a in (first, second):
-                    want = x if a.dtype == x.dtype else y
-                    assert a.shape == want.shape and np.array_equal(a, want), f"member {member}"
-            assert orders[0] == orders[1], "one order for every member"
-            # each sender also receives the other's item
-            assert np.array_equal(await chs[1].receive(timeout=20), y)
-            assert np.array_equal(await chs[2].receive(timeout=20), x)
-            assert chs[0]._relay is None and not chs[0].holding and not chs[0]._gathers
-        finally:
-            for rt in rts:
-                await rt.aclose()
+    async with broadcast_members(4) as chs:
+        assert chs[0].is_root
+        x = np.arange(200_000, dtype=np.float64)  # 1.6 MB: 25 parts
+        y = -np.arange(150_000, dtype=np.int32).reshape(1000, 150)
+        sends = [chs[1].send(x), chs[2].send(y)]
+        got = await asyncio.gather(*sends, *[chs[i].receive(timeout=20) for i in (0, 3)],
+                                   *[chs[i].receive(timeout=20) for i in (0, 3)])
+        orders = []
+        for member, first, second in ((0, got[2], got[4]), (3, got[3], got[5])):
+            order = [a.dtype.str for a in (first, second)]
+            orders.append(order)
+            for a in (first, second):
+                want = x if a.dtype == x.dtype else y
+                assert a.shape == want.shape and np.array_equal(a, want), f"member {member}"
+        assert orders[0] == orders[1], "one order for every member"
+        # each sender also receives the other's item
+        assert np.array_equal(await chs[1].receive(timeout=20), y)
+        assert np.array_equal(await chs[2].receive(timeout=20), x)
+        assert chs[0]._relay is None and not chs[0].holding and not chs[0]._gathers
 
 
 async def test_a_relay_whose_sender_stops_is_abandoned_and_the_stream_goes_on(small_parts, monkeypatch) -> None:
