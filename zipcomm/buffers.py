@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -49,12 +50,16 @@ class BufferPool:
         self._bytes += nbytes
         return buf[:]
 
+    def array(self, dtype: np.dtype, shape: list | tuple) -> np.ndarray:
+        """An array of ``dtype`` and ``shape`` over a buffer of the pool (contents undefined)."""
+        return self.take(dtype.itemsize * math.prod(shape)).view(dtype).reshape(shape)
+
 
 def snapshot(data: object, pool: BufferPool) -> object:
     """A private copy of a payload (checked like any): what zipcomm keeps after the call that sent
     it returned. A large plain array is copied into a buffer of ``pool``."""
     if type(data) is np.ndarray and data.nbytes >= POOLED_MIN and array_problem(data) is None:
-        copy = pool.take(data.nbytes).view(data.dtype).reshape(data.shape)
+        copy = pool.array(data.dtype, data.shape)
         np.copyto(copy, data, casting="no")
         return copy
     return snapshot_payload(data)

@@ -577,8 +577,7 @@ class Runtime:
         descriptor = descriptors[0]
         if descriptor[0] != "nd" or descriptor[3] < POOLED_MIN:
             return None
-        dtype = descriptor[1]
-        return [self.buffers.take(descriptor[3]).view(dtype).reshape(descriptor[2])]
+        return [self.buffers.array(descriptor[1], descriptor[2])]
 
     async def _serve_peer(self, conn: Connection) -> None:
         hello = m.decode(await conn.recv())

@@ -48,16 +48,6 @@ class _Relay:
     timer: asyncio.TimerHandle | None = None
 
 
-@dataclass(slots=True)
-class _Gather:
-    n: int
-    dtype: np.dtype
-    shape: tuple
-    buf: np.ndarray  # flat uint8
-    next_i: int = 0
-    offset: int = 0
-
-
 def _part_spec(msg: m.Submit) -> tuple[int, int, np.dtype, tuple] | None:
     """(i, n, dtype, shape) of a submitted part, or None if it is malformed."""
     part, data = msg.part, msg.data
@@ -84,7 +74,7 @@ class BroadcastChannel(ChannelCore):
         self._root_lost = asyncio.Event()
         self._stream_term = 0  # the term of the last item delivered here
         self._relay: _Relay | None = None  # root: the item relayed as its parts arrive
-        self._gathers: dict[tuple[int, int], _Gather] = {}
+        self._gathers: dict[tuple[int, int], parts.Filling] = {}
 
     def resume(self, last_key: tuple, next_msg_id: int = 1, history=(),  # type: ignore[override]
                last_msg: dict | None = None) -> None:
@@ -200,21 +190,16 @@ class BroadcastChannel(ChannelCore):
             while len(self._gathers) >= GATHERS:
                 self._gathers.pop(next(iter(self._gathers)))
             nbytes = dtype.itemsize * math.prod(shape)
-            gather = self._gathers[ident] = _Gather(n, dtype, shape, self.rt.buffers.take(nbytes))
-        if gather is None or i != gather.next_i or n != gather.n or gather.offset + data.nbytes > gather.buf.nbytes:
-            self._gathers.pop(ident, None)
+            gather = self._gathers[ident] = parts.Filling(n=n, dtype=dtype, shape=shape,
+                                                          buf=self.rt.buffers.take(nbytes))
+        got = gather.put(i, n, data) if gather is not None else parts.SKIP
+        if got is parts.MORE:
             return
-        gather.buf[gather.offset:gather.offset + data.nbytes] = data
-        gather.offset += data.nbytes
-        gather.next_i += 1
-        if gather.next_i < n:
-            return
-        del self._gathers[ident]
-        if gather.offset != gather.buf.nbytes:
+        self._gathers.pop(ident, None)
+        if got is parts.BAD:
             log.error("channel %s: parts submitted by %x do not add up; dropped", self.name, ident[0])
-            return
-        value = gather.buf.view(gather.dtype).reshape(gather.shape)
-        super()._sequence(m.Submit(channel=self.name, origin=ident[0], msg_id=ident[1], data=value))
+        elif got is parts.DONE:
+            super()._sequence(m.Submit(channel=self.name, origin=ident[0], msg_id=ident[1], data=gather.value))
 
     def _relay_idle(self, relay: _Relay) -> None:
         if self._relay is relay:

@@ -70,21 +70,48 @@ def spans(item: m.Item) -> bool:
     return kn != (pn + 1 if pt == kt else 1)
 
 
-@dataclass(slots=True)
-class _Assembly:
-    """One large item being received as parts."""
+# What Filling.put says of a part
+MORE, DONE, SKIP, BAD = "more", "done", "skip", "bad"
+
+
+@dataclass(slots=True, kw_only=True)
+class Filling:
+    """An array being filled from its parts, in order."""
+
+    n: int
+    dtype: np.dtype
+    shape: tuple
+    buf: np.ndarray  # flat uint8, the whole array's bytes
+    next_i: int = 0  # the next part and where it goes
+    offset: int = 0
+
+    def put(self, i: int, n: int, data: np.ndarray, copy: bool = True) -> str:
+        """Part ``i`` of ``n``: MORE (more parts are due), DONE (it was the last), SKIP (it does
+        not continue this array: another index or count) or BAD (the sizes do not add up)."""
+        if i != self.next_i or n != self.n:
+            return SKIP
+        end = self.offset + data.nbytes
+        if end > self.buf.nbytes or (i == n - 1 and end != self.buf.nbytes):
+            return BAD
+        if copy:
+            self.buf[self.offset:end] = data
+        self.offset, self.next_i = end, i + 1
+        return DONE if self.next_i == n else MORE
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.buf.view(self.dtype).reshape(self.shape)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Assembly(Filling):
+    """One large item being received as parts (``next_i`` / ``offset``: delivery)."""
 
     first: Key  # the key of the first part
     prev: Key  # the key before the first part: the whole item's ``prev``
     kind: str
     meta: dict
-    n: int
-    dtype: np.dtype
-    shape: tuple
-    buf: np.ndarray  # flat uint8, the whole item's bytes
     own: bool  # the root's own array: its parts need no copy
-    next_i: int = 0  # delivery: the next part and where it goes
-    offset: int = 0
     place_i: int = 0  # reception: the next part received in place, its key and offset
     place_key: Key = (0, 0)
     place_offset: int = 0
@@ -124,27 +151,26 @@ class Assembler:
             else:
                 self.delivering = self._start(key, tuple(part.prev), meta)  # type: ignore[arg-type]
         asm = self.delivering
-        if asm is None or i != asm.next_i or n != asm.n:
+        if asm is None:
+            return None
+        start = asm.offset
+        in_place = asm.own or data.ctypes.data == asm.buf.ctypes.data + start
+        got = asm.put(i, n, data, copy=not in_place)
+        if got in (SKIP, BAD):
+            if got is BAD:
+                log.error("channel %s: parts at %s do not add up to the item's size; dropped", self.channel,
+                          part.key)
             self.delivering = None
             return None
-        end = asm.offset + data.nbytes
-        if end > asm.buf.nbytes or (i == n - 1 and end != asm.buf.nbytes):
-            log.error("channel %s: parts at %s do not add up to the item's size; dropped", self.channel, part.key)
-            self.delivering = None
-            return None
-        if not asm.own and data.ctypes.data != asm.buf.ctypes.data + asm.offset:  # not received in place
-            asm.buf[asm.offset:end] = data
-            # The history serves the part from the whole item's memory: one copy held.
-            part.data = asm.buf[asm.offset:end]
-        asm.offset, asm.next_i = end, i + 1
-        if asm.next_i < n:
+        if not in_place:
+            part.data = asm.buf[start:asm.offset]  # the history serves it from the whole item: one copy held
+        if got is MORE:
             return None
         self.delivering = None
         if self.placing is asm:
             self.placing = None
-        value = asm.buf.view(asm.dtype).reshape(asm.shape)
         return m.Item(channel=self.channel, key=list(part.key), prev=list(asm.prev), kind=asm.kind, meta=asm.meta,
-                      data=value)
+                      data=asm.value)
 
     def place(self, header: dict, descriptors: list, last_key: Key) -> list | None:
         """As a peer frame's header arrives, before its body: if it is the next part of the large
@@ -189,6 +215,6 @@ class Assembler:
         if whole is not None and whole.nbytes == nbytes:
             buf, own = whole.reshape(-1).view(np.uint8), True
         else:
-            buf, own = self.pool.take(nbytes), False
+            buf, own = self.pool.take(nbytes), False  # (flat uint8)
         return _Assembly(first=key, prev=prev, kind=kind, meta=inner, n=n, dtype=dtype, shape=shape,
                          buf=buf, own=own, place_key=key)
