@@ -74,7 +74,7 @@ async def main(args: argparse.Namespace) -> int:
         runs.append(res)
         print(f"run {r + 1}: join p99 quiet {res['quiet_p99'] * 1e3:.2f} ms, loaded {res['loaded_p99'] * 1e3:.2f} ms "
               f"(ratio {res['ratio']:.2f}), after {res['after_p99'] * 1e3:.2f} ms; {res['closed']} abusive sockets "
-              f"closed {res['closed_first']:.2f}..{res['closed_last']:.2f} s after they began", flush=True)
+              f"closed {res['closed_first']:.2f}..{res['closed_last']:.2f} s after each connection", flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"median of {len(runs)}: quiet p50/p99 {med['quiet_p50'] * 1e3:.2f}/{med['quiet_p99'] * 1e3:.2f} ms, "
           f"loaded p50/p99 {med['loaded_p50'] * 1e3:.2f}/{med['loaded_p99'] * 1e3:.2f} ms, "
