@@ -8,7 +8,7 @@ of one operation, and prints JSON lines on stdout (flushed as they happen):
 
 * ``{"type": "round", "rank", "round", "start", "end", "cls"}`` per timed round: ``start`` is
   ``time.perf_counter()`` just after the barrier that precedes the round, ``end`` when this rank
-  has its result (CLOCK_MONOTONIC on Linux, so comparable between processes of one host);
+  has its result (a second barrier follows before anything else is done) (CLOCK_MONOTONIC on Linux, so comparable between processes of one host);
 * ``{"type": "warning", "rank", "error"}`` if closing the backend failed after all rounds;
 * ``{"type": "done", "rank"}`` at the end, or ``{"type": "error", "rank", "phase", "error"}``
   (exit code 2) or ``{"type": "unavailable", "rank", "error"}`` (exit code 3).
@@ -324,6 +324,11 @@ async def run(cfg: dict, dl: Deadline, state: dict) -> None:
             start = time.perf_counter()
             res = await getattr(backend, op)(y)
             end = time.perf_counter()
+            # Every rank waits for the last one before checking its result and building the next
+            # input: otherwise ranks that return early (the non-roots of a reduce) would do that
+            # untimed work on the same cores during the rest of the timed round.
+            state["phase"] = f"round {rnd} end barrier"
+            await backend.barrier()
             state["phase"] = f"round {rnd} verify"
             cls = verify(cfg, rnd, x, tag, res, backend.shuffle_class_is_rank)
             del res

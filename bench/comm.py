@@ -9,7 +9,9 @@ and --reps verified timed rounds: broadcast payloads must arrive bit-exact, redu
 the closed-form sum of all contributions, and each shuffle output must hold exactly the items of
 all ranks' inputs that hash to its rank.  A round starts when the root (broadcast) or the first
 sender (reduce, allreduce, shuffle) leaves the barrier that precedes it, and ends when the last
-rank has its result; all times are time.perf_counter() (CLOCK_MONOTONIC, comparable across
+rank has its result (a reduce's non-root ranks have theirs when their contribution is on its
+way); a second barrier then holds every rank until the last one is done, so no rank checks its
+result or builds its next input on the cores while a round is still timed; all times are time.perf_counter() (CLOCK_MONOTONIC, comparable across
 processes); a cell's figure is the median over its timed rounds.
 
 The ranks are processes running bench/_worker.py: n separate ones for zipcomm, redis, s3 and

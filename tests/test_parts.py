@@ -157,19 +157,29 @@ async def test_an_item_standing_for_parts_replaces_the_first_parts_held() -> Non
             assert ch.last_key == (1, 2)
 
 
-async def test_peers_of_one_namespace_use_a_unix_socket_unless_turned_off(monkeypatch) -> None:
-    async def families() -> list:
-        async with zipcomm.Controller("127.0.0.1:0") as ctl:
-            async with zipcomm.connect(ctl.address) as a, zipcomm.connect(ctl.address) as b:
-                ba = await a.broadcast_channel("b")
-                bb = await b.broadcast_channel("b")
-                await bb.send(np.arange(3))
-                assert (await ba.receive(timeout=5)).tolist() == [0, 1, 2]
-                return [link.conn._transport.get_extra_info("socket").family for link in b._peers.values()]
+async def _peer_link_families() -> list:
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        async with zipcomm.connect(ctl.address) as a, zipcomm.connect(ctl.address) as b:
+            ba = await a.broadcast_channel("b")
+            bb = await b.broadcast_channel("b")
+            await bb.send(np.arange(3))
+            assert (await ba.receive(timeout=5)).tolist() == [0, 1, 2]
+            return [link.conn._transport.get_extra_info("socket").family for link in b._peers.values()]
 
+
+async def test_peers_of_one_namespace_use_a_unix_socket_unless_turned_off(monkeypatch) -> None:
+    families = _peer_link_families
     assert await families() == [socket.AF_UNIX]
     monkeypatch.setattr(runtime_mod, "LOCAL_PEERS", False)
     assert await families() == [socket.AF_INET]
+
+
+async def test_peers_use_the_unix_socket_on_uvloop_as_well() -> None:
+    """uvloop (the loop zipcomm's entry points pick) cannot connect to an abstract socket name
+    by itself: the socket is connected by zipcomm, not silently replaced by TCP."""
+    import uvloop
+
+    assert await asyncio.to_thread(uvloop.run, _peer_link_families()) == [socket.AF_UNIX]
 
 
 async def test_two_members_broadcasting_large_items_at_once_through_a_remote_root(small_parts) -> None:

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 from typing import Awaitable, Callable
 
@@ -376,7 +377,7 @@ async def open_connection(
     try:
         async with asyncio.timeout(timeout):
             if kind == "unix":
-                await loop.create_unix_connection(factory, where)  # type: ignore[arg-type]
+                await loop.create_unix_connection(factory, sock=_unix_socket(where))  # type: ignore[arg-type]
             else:
                 host, port = where  # type: ignore[misc]
                 await loop.create_connection(factory, host, port)
@@ -387,6 +388,23 @@ async def open_connection(
     except OSError as exc:
         raise BrokenByPeer(f"cannot connect to {address}: {exc}") from exc
     return conn
+
+
+def _unix_socket(path: str) -> socket.socket:
+    """A Unix stream socket connected to ``path``. Connected here rather than by the event loop:
+    uvloop refuses abstract names (a leading NUL byte) in ``create_unix_connection(path=...)``.
+    A local connect completes at once or fails (ECONNREFUSED; EAGAIN when the listener's backlog
+    is full), so a non-blocking attempt never stalls the loop."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(path)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Server:
