@@ -167,18 +167,19 @@ async def _peer_link_families() -> list:
             return [link.conn._transport.get_extra_info("socket").family for link in b._peers.values()]
 
 
-async def test_peers_of_one_namespace_use_a_unix_socket_unless_turned_off(monkeypatch) -> None:
+async def test_peers_of_one_namespace_use_a_unix_socket_when_turned_on(monkeypatch) -> None:
     families = _peer_link_families
+    assert await families() == [socket.AF_INET]  # the default
+    monkeypatch.setattr(runtime_mod, "LOCAL_PEERS", True)
     assert await families() == [socket.AF_UNIX]
-    monkeypatch.setattr(runtime_mod, "LOCAL_PEERS", False)
-    assert await families() == [socket.AF_INET]
 
 
-async def test_peers_use_the_unix_socket_on_uvloop_as_well() -> None:
+async def test_peers_use_the_unix_socket_on_uvloop_as_well(monkeypatch) -> None:
     """uvloop (the loop zipcomm's entry points pick) cannot connect to an abstract socket name
     by itself: the socket is connected by zipcomm, not silently replaced by TCP."""
     import uvloop
 
+    monkeypatch.setattr(runtime_mod, "LOCAL_PEERS", True)
     assert await asyncio.to_thread(uvloop.run, _peer_link_families()) == [socket.AF_UNIX]
 
 
