@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import numpy as np
 
 from ..errors import ChannelClosed, CollectiveTimeout
 from ..ops import FastOp, freeze, reduce_by_name, reduce_name, resolve_reduce
@@ -27,6 +30,9 @@ from .core import ChannelCore
 log = logging.getLogger("zipcomm.reduce")
 
 _NOTHING = object()
+
+# First pieces of at least this many bytes are combined as they arrive (``ReduceChannel._fold``).
+FOLD_MIN = int(os.environ.get("ZIPCOMM_FOLD_BYTES", 1 << 20))  # (small values: for fault tests)
 
 # Past the controller's heartbeat timeout, how long a rebuilt tree's root waits for the
 # members of the rounds under way to re-join (their reconnection backoff is at most 1.5 s).
@@ -41,6 +47,11 @@ class _Round:
     allreduce: bool = False
     wants: list = field(default_factory=list)
     first: dict = field(default_factory=dict)  # child -> Piece
+    # Large first pieces already combined, as they came, into ``acc`` (see ``_fold``): their
+    # senders, and who ``acc`` covers. Their Piece objects stay in ``first``, without data.
+    folded: set = field(default_factory=set)
+    acc: Any = None
+    acc_ids: list = field(default_factory=list)
     late: list = field(default_factory=list)  # pieces that arrived after our own first piece (root only)
     sent: bool = False
 
@@ -391,30 +402,64 @@ class ReduceChannel(ReduceAPI, ChannelCore):
             return reduce_f.combine(values, reuse_first=not own_first)
         return reduce_f(values)
 
+    def _fold(self, sender: int, rnd: _Round, piece: m.Piece) -> None:
+        """Combine a large first piece into the round's running value as it arrives, while the
+        other children's pieces are still coming, instead of all of them once the last is in.
+        Only first pieces: a member's first pieces are disjoint and every one of them goes into
+        what it sends up (at the root: they are the largest, so all are kept), which is what
+        makes combining them early the same as combining them at the end."""
+        data = piece.data
+        if (type(data) is not np.ndarray or data.nbytes < FOLD_MIN or not piece.contributors
+                or not isinstance(self.reduce_f or reduce_by_name(self.fn_name), FastOp)):
+            return
+        acc = rnd.acc
+        if acc is None:
+            if not (data.flags.writeable and data.flags.c_contiguous):
+                return  # not ours to combine into: left for the end
+            rnd.acc = data
+        elif data.dtype != acc.dtype or data.shape != acc.shape:
+            return  # left for the end, where a mismatch fails as it always did
+        else:
+            (self.reduce_f or reduce_by_name(self.fn_name)).combine([acc, data], reuse_first=True)
+        rnd.acc_ids.extend(piece.contributors)
+        rnd.folded.add(sender)
+        piece.data = None  # (its bytes are in ``acc`` now)
+
     def _send_first(self, r: int, rnd: _Round) -> None:
         values, contributors, wants = [], [], list(rnd.wants)
         allreduce = rnd.allreduce
+        if rnd.acc is not None:
+            values.append(rnd.acc)  # received buffers combined: ours, combined into again
         if rnd.own is not _NOTHING:
             values.append(rnd.own)
             contributors.extend(rnd.own_ids if rnd.own_ids is not None else [self.me])
-        for piece in rnd.first.values():
+        for sender, piece in rnd.first.items():
             if piece.contributors:
-                values.append(piece.data)
+                if sender not in rnd.folded:
+                    values.append(piece.data)
                 contributors.extend(piece.contributors)
             wants.extend(piece.wants)
             allreduce = allreduce or piece.allreduce
-        own_first = bool(values) and rnd.own is not _NOTHING and self._own_is_callers
+        own_first = bool(values) and rnd.acc is None and rnd.own is not _NOTHING and self._own_is_callers
         piece = m.Piece(channel=self.name, round=r, contributors=sorted(contributors), wants=wants,
                         late=False, allreduce=allreduce, fn=self.fn_name,
                         data=self._combine(values, own_first))
         self.retained.setdefault(r, []).append(piece)
         rnd.sent = True
         rnd.first.clear()
+        rnd.folded.clear()
+        rnd.acc = None
         rnd.own = _NOTHING  # it lives on in the retained piece
         self.send_parent(piece)
 
     def _complete(self, r: int, rnd: _Round) -> None:
-        pieces: list[m.Piece] = list(rnd.first.values()) + list(rnd.late)
+        pieces: list[m.Piece] = [p for k, p in rnd.first.items() if k not in rnd.folded] + list(rnd.late)
+        for k in rnd.folded:  # their wants and allreduce flags, without their data
+            p = rnd.first[k]
+            pieces.append(m.Piece(channel=self.name, round=r, contributors=[], wants=p.wants,
+                                  allreduce=p.allreduce))
+        if rnd.acc is not None:
+            pieces.append(m.Piece(channel=self.name, round=r, contributors=rnd.acc_ids, data=rnd.acc))
         own_piece = None
         if rnd.own is not _NOTHING:
             own_piece = m.Piece(channel=self.name, round=r, data=rnd.own,
@@ -527,6 +572,7 @@ class ReduceChannel(ReduceAPI, ChannelCore):
                 log.warning("channel %s: duplicate piece for round %d from %x", self.name, r, sender)
                 return
             rnd.first[sender] = piece
+            self._fold(sender, rnd, piece)
         self.progress()
 
     async def on_item(self, item: m.Item) -> None:

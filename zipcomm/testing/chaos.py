@@ -157,6 +157,8 @@ class Scenario:
 
 # 16,000-byte broadcasts as 1,024-byte parts
 _PARTS = (("ZIPCOMM_CHUNK_BYTES", "1024"),)
+# every reduce piece combined as it arrives (as 1 MiB and larger ones are)
+_FOLD = (("ZIPCOMM_FOLD_BYTES", "8"),)
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("bcast_kill_leaf", "kill", "leaf", ("b",), doc="SIGKILL a leaf mid-broadcast"),
@@ -175,6 +177,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("reduce_stop_cont", "stop", "interior", ("r",), doc="SIGSTOP then SIGCONT an interior member mid-allreduce"),
     Scenario("reduce_sysexit", "sysexit", "leaf", ("r",), n=6, doc="a leaf calls sys.exit mid-allreduce"),
     Scenario("reduce_leave", "leave", "interior", ("r",), n=6, doc="an interior member leaves gracefully mid-allreduce"),
+    Scenario("reduce_fold_kill_interior", "kill", "interior", ("r",), env=_FOLD,
+             doc="SIGKILL an interior member mid-allreduce, pieces combined as they arrive"),
+    Scenario("reduce_fold_kill_root", "kill", "root", ("r",), n=6, env=_FOLD,
+             doc="SIGKILL the root mid-allreduce, pieces combined as they arrive"),
     Scenario("bcast_parts_kill_root", "kill", "root", ("b",), sizes=(2000,), env=_PARTS,
              doc="SIGKILL the root mid-broadcast of items sent as parts (relayed from a sender that is "
                  "not the root)"),
