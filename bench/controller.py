@@ -13,17 +13,19 @@ requests, connects and says hello; all then start together behind a barrier and 
                 The join rate is also measured in windows of ``--rate-window`` joins (all clients
                 merged), to compare the rate near 1K members with the rate near 160K members.
 
-Time runs from the barrier to the last reply. Every join is verified: each reply is checked (in
-order, ok, the expected place in the tree); after the run (a)'s clients look up each of their
-channels (one member, themselves the root) and (b)'s channel must report exactly clients x joins
-members. The controller's memory per member is its VmRSS (/proc/PID/status) after the joins minus
-before them (clients connected), divided by the members; its CPU time per join comes from
-/proc/PID/stat (user + system, and the system part alone), the clients' from their own process
-time. ``--reps`` repetitions (a fresh controller each), medians printed, JSON saved with every run
-(per-client rates, all rate windows of (b), the load average when each run began: other processes
-on the machine take CPU from the controller and its clients). ``--profile DIR`` adds one cProfile'd
-repetition per scenario; for a sampling profile attach ``py-spy record --native -p PID`` to the
-controller (its command line holds --ready-file .../zipcomm-bench-ctl-...).
+Time runs from the barrier to the last reply; a client verifies and reports only once every client
+has its last reply (its work would take CPU from the others' last joins). Every join is verified:
+each reply is checked (in order, ok, the expected place in the tree); after the run (a)'s clients
+look up each of their channels (one member, themselves the root) and (b)'s channel must report
+exactly clients x joins members. The controller's memory per member is its VmRSS
+(/proc/PID/status) after the joins minus before them (clients connected), divided by the members;
+its CPU time per join comes from /proc/PID/stat (user + system, and the system part alone), the
+clients' from their own process time. ``--reps`` repetitions (a fresh controller each), medians
+printed, JSON saved with every run (per-client rates, all rate windows of (b), the load average
+when each run began: other processes on the machine take CPU from the controller and its clients).
+``--profile DIR`` adds one cProfile'd repetition per scenario; for a sampling profile attach
+``py-spy record --native -p PID`` to the controller (its command line holds --ready-file
+.../zipcomm-bench-ctl-...).
 
 Goals (this 2-core machine): (a) >= 44,000 joins/s total; (b) >= 28,000 joins/s total and the rate at
 160K members >= 0.8 x the rate at 1K members; <= 10 KiB of controller memory per member.
@@ -174,19 +176,19 @@ def client_member(index: int) -> int:
 
 # --- the client process ---------------------------------------------------------------------------
 
-def client_main(index: int, cfg: dict, prepared, ready, go, done, results) -> None:
-    """One client: pre-encode, connect, barrier, pipelined joins, verify, report, idle until done."""
+def client_main(index: int, cfg: dict, prepared, ready, go, finished, done, results) -> None:
+    """One client: pre-encode, connect, barrier, pipelined joins, barrier, verify, report, idle until done."""
     try:
-        report = _client_run(index, cfg, prepared, ready, go, done, results)
+        report = _client_run(index, cfg, prepared, ready, go, finished, done, results)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
-        for barrier in (prepared, ready, go):
+        for barrier in (prepared, ready, go, finished):
             barrier.abort()
         results.put({"index": index, "error": f"{type(exc).__name__}: {exc}"})
         return
     del report
 
 
-def _client_run(index: int, cfg: dict, prepared, ready, go, done, results) -> dict:
+def _client_run(index: int, cfg: dict, prepared, ready, go, finished, done, results) -> dict:
     scenario, joins, window = cfg["scenario"], cfg["joins"], cfg["window"]
     me = client_member(index)
     if scenario == "channels":
@@ -231,6 +233,9 @@ def _client_run(index: int, cfg: dict, prepared, ready, go, done, results) -> di
     marks = client.pipeline(requests, window, check, on_push)
     t1 = marks[-1][0]
     cpu = time.process_time() - cpu0
+    # Verifying and reporting take CPU: not before every client has its last reply, or a client that
+    # finished first would slow the others' last joins down (the rate near the last member).
+    finished.wait(PHASE_TIMEOUT)
 
     verified = 0
     if scenario == "channels":  # each channel exists with exactly this client as its only member
@@ -355,10 +360,11 @@ def run_once(scenario: str, args: argparse.Namespace, workdir: Path, pstats: Pat
     ctx = mp.get_context("spawn")
     n = args.clients
     prepared, ready, go = ctx.Barrier(n + 1), ctx.Barrier(n + 1), ctx.Barrier(n + 1)
+    finished = ctx.Barrier(n)  # the clients' own: every one has its last reply
     done, results = ctx.Event(), ctx.Queue()
     cfg = {"scenario": scenario, "joins": args.joins, "window": args.window, "address": ctl.address}
-    procs = [ctx.Process(target=client_main, args=(i, cfg, prepared, ready, go, done, results), daemon=True)
-             for i in range(n)]
+    procs = [ctx.Process(target=client_main, args=(i, cfg, prepared, ready, go, finished, done, results),
+                         daemon=True) for i in range(n)]
     try:
         for p in procs:
             p.start()

@@ -1,6 +1,7 @@
 """The fast paths of the controller's join storm (bench/controller.py) do what the general code does:
 the decoder's loop over whole control frames, the reused msgpack Packer, Rewire.to_frame,
-Connection.recv_batch, and the controller state's spelled-out join."""
+Connection.recv_batch, the controller state's spelled-out join, and the tree's join for data (the
+wire entries the controller keeps with each member in its slot)."""
 
 from __future__ import annotations
 
@@ -149,6 +150,50 @@ def test_state_join_replies_and_pushes_match_the_tree() -> None:
             assert isinstance(msg, m.Rewire) and msg.epoch == member and msg.removed is None
             assert all(c[3] == ("both" if c[0] % 2 else "sender") for c in msg.children)
     state.channels["ch"].tree.check_invariants()
+
+
+def test_tree_join_data_reports_what_join_does() -> None:
+    """Tree.join_data is Tree.join with each member's data instead of its id, through joins that
+    reuse the slots of removed members."""
+    rng = random.Random(7)
+    by_ids, by_data = Tree(3), Tree(3)
+    members: list[int] = []
+    for step in range(3000):
+        if members and rng.random() < 0.3:
+            victim = members.pop(rng.randrange(len(members)))
+            assert by_ids.remove(victim) == by_data.remove(victim)
+            continue
+        member = step
+        members.append(member)
+        changes = by_ids.join(member)
+        placed = by_data.join_data(member, ("wire", member))
+        if placed is None:
+            assert changes.root_changed and changes.rewires == [(member, None, (), 0)]
+            continue
+        (_, parent, _, depth), (_, above, below, level) = changes.rewires
+        assert placed == (parent, ("wire", parent), depth, None if above is None else ("wire", above),
+                          [("wire", kid) for kid in below], level)
+        assert by_data.data(member) == ("wire", member)
+    by_data.check_invariants()
+    assert {m: (by_ids.parent(m), by_ids.children(m)) for m in by_ids} == {
+        m: (by_data.parent(m), by_data.children(m)) for m in by_data}
+
+
+def test_a_new_address_reaches_the_wire_entries_of_every_channel() -> None:
+    """The trees keep wire entries; a hello with a new address (a reconnect) updates them, roles kept."""
+    state = ControllerState()
+    state.hello(1, "10.0.0.1:1", "h1")
+    state.join(1, "a", "broadcast", "sender", 0)
+    state.join(1, "b", "reduce", "both", 0)
+    state.hello(1, "10.0.0.9:9", "h9")
+    state.hello(2, "10.0.0.2:2", "h2")
+    for channel, kind, role in (("a", "broadcast", "sender"), ("b", "reduce", "both")):
+        result, pushes = state.join(2, channel, kind, "member", 0)
+        assert result["parent"] == (1, "10.0.0.9:9", "h9", role)
+        assert [(target, msg.children) for target, msg in pushes] == [(1, [(2, "10.0.0.2:2", "h2", "member")])]
+        assert state.root(channel)["root"] == (1, "10.0.0.9:9", "h9", role)
+    state.hello(1, "10.0.0.9:9", "h9")  # the same address again: nothing to update
+    assert state.member_list("a")["members"] == [(1, "10.0.0.9:9", "h9", "sender"), (2, "10.0.0.2:2", "h2", "member")]
 
 
 @pytest.mark.asyncio

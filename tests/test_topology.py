@@ -295,17 +295,51 @@ def test_rebalance_after_losing_shallow_leaves(fanout, slack, size, just_past_fu
     assert changes.rewires or before == shape(tree)
 
 
+# ------------------------------------------------------------------------------- data
+
+
+def test_each_member_keeps_its_data_through_moves_and_slot_reuse():
+    tree = Tree(fanout=2)
+    tree.join(1, "one")
+    assert tree.data(1) == "one"  # a lone root keeps it without slot lists
+    tree.set_data(1, "root")
+    for member in range(2, 16):
+        tree.join(member, f"d{member}")
+    assert tree.data(1) == "root" and tree.data(2) == "d2"
+    filler = tree.remove(2).rewires[-1].member  # a deepest leaf fills the hole, with its own data
+    assert tree.data(filler) == f"d{filler}"
+    tree.remove(1)  # the root too
+    tree.join(2, "again")  # in a freed slot: the new value, not the old one
+    assert tree.data(2) == "again"
+    for gone in (1, 99):
+        with pytest.raises(KeyError):
+            tree.data(gone)
+    rebalanced = unbalanced()
+    for member in rebalanced:
+        rebalanced.set_data(member, -member)
+    assert rebalanced.rebalance().rewires  # 9 and 8 move up
+    assert {m: rebalanced.data(m) for m in rebalanced} == {m: -m for m in rebalanced}
+    tree.check_invariants()
+    rebalanced.check_invariants()
+
+
 # --------------------------------------------------------------------- invariant checker
 
 
 def test_check_invariants_catches_corruption():
     tree = build(7, fanout=2)
-    tree._depth[5] = 7
+    tree._depth[tree._slot[5]] = 7
     with pytest.raises(AssertionError, match="depth"):
         tree.check_invariants()
     tree = build(7, fanout=4)  # 1 -> (2, 3, 4, 5), 2 -> (6, 7)
-    tree._children[3].append(6)  # 6 now has two parents
+    three, six = tree._slot[3], tree._slot[6]
+    tree._kids[three * 4] = six  # 6 now has two parents
+    tree._nkids[three] = 1
     with pytest.raises(AssertionError, match="6"):
+        tree.check_invariants()
+    tree = build(7, fanout=4)
+    tree._remove_open(tree._slot[7], 2)  # a leaf with free slots missing from the free-slot index
+    with pytest.raises(AssertionError, match="free-slot index at depth 2"):
         tree.check_invariants()
 
 

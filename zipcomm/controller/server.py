@@ -164,8 +164,10 @@ class Controller:
         try:
             if member is None or member == session.member:
                 member = session.member
-            elif self._owner.get(member) is not session:  # else a member this session hosts already
-                member = self._acting(session, member, channel, register=True)
+            else:
+                owner = self._owner.get(member)
+                if owner is not session:  # else a member this session hosts already
+                    member = self._register(session, owner, member, channel)
             try:
                 result, pushes = self.state.join(member, channel, kind, role, hint)
             except MembershipError:
@@ -181,7 +183,7 @@ class Controller:
     def _on_leave(self, session: _Session, frame) -> None:
         msg: m.Leave = m.Leave.from_frame(frame)  # type: ignore[assignment]
         try:
-            member = self._acting(session, msg.member, msg.channel, register=False)
+            member = self._acting(session, msg.member, msg.channel)
             pushes = self.state.leave(member, msg.channel)
         except MembershipError as exc:
             self._refuse(session, msg.req, exc)
@@ -208,7 +210,7 @@ class Controller:
             return
         self._reply(session, msg.req, result)
 
-    def _acting(self, session: _Session, member: int | None, channel: str, register: bool) -> int:
+    def _acting(self, session: _Session, member: int | None, channel: str) -> int:
         """The member a request acts for: the session's own, or one it hosts (registered by its first join)."""
         if member is None or member == session.member:
             return session.member
@@ -217,8 +219,12 @@ class Controller:
             return member
         if owner is not None:
             raise MembershipError("member id belongs to another session", channel=channel, member=member)
-        if not register:
-            raise MembershipError("not a member", channel=channel, member=member)
+        raise MembershipError("not a member", channel=channel, member=member)
+
+    def _register(self, session: _Session, owner: _Session | None, member: int, channel: str) -> int:
+        """Host ``member`` (owned by ``owner``, another session or None) on ``session``: its first join."""
+        if owner is not None:
+            raise MembershipError("member id belongs to another session", channel=channel, member=member)
         if len(session.hosted) >= self.max_hosted_members:
             raise MembershipError(f"a session may host at most {self.max_hosted_members} members",
                                   channel=channel, member=member)

@@ -6,7 +6,7 @@ the server only executes them. Nothing here reads a clock or a socket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import MembershipError
 from ..protocol.messages import Gone, Message, Rewire
@@ -25,12 +25,13 @@ Push = tuple[int, Message]
 
 @dataclass(slots=True)
 class ChannelMeta:
+    """A channel; its tree keeps each member's wire entry, with the member's role in this channel."""
+
     name: str
     kind: str
     tree: Tree
     epoch: int
     term: int = 0
-    roles: dict[int, str] = field(default_factory=dict)
 
 
 class ControllerState:
@@ -38,8 +39,10 @@ class ControllerState:
         self.fanout = fanout
         self.depth_slack = depth_slack
         # member -> how it goes on the wire, [id, "host:port", host id, role], with the role it last
-        # had: a plain tuple (built once, sent in every rewire of its neighbours, and a tuple of
-        # atoms is no work for the cyclic garbage collector).
+        # joined with: a plain tuple (a tuple of atoms is no work for the cyclic garbage collector).
+        # Each channel's tree keeps the entry of each of its members (with its role there) and
+        # sends that in every rewire naming it: a member joining many channels with one role
+        # shares one tuple among them.
         self.members: dict[int, tuple] = {}
         self.channels: dict[str, ChannelMeta] = {}
         self.member_channels: dict[int, set[str]] = {}
@@ -47,8 +50,16 @@ class ControllerState:
     # -- sessions ------------------------------------------------------------
 
     def hello(self, member: int, address: str, host: str) -> None:
-        self.members[member] = (member, address, host, _MEMBER)
-        self.member_channels.setdefault(member, set())
+        members = self.members
+        old = members.get(member)
+        members[member] = (member, address, host, _MEMBER)
+        if old is None:
+            self.member_channels[member] = set()
+        elif old[1] != address or old[2] != host:
+            # A new address: the channels' wire entries follow (O(channels), on a reconnect only).
+            for name in self.member_channels[member]:
+                tree = self.channels[name].tree
+                tree.set_data(member, (member, address, host, tree.data(member)[3]))
 
     def session_lost(self, member: int) -> list[Push]:
         """The member's session ended (crash, kill, or missed heartbeats)."""
@@ -87,29 +98,27 @@ class ControllerState:
         # the rebuilt tree must live in a later epoch than anything they saw.
         if epoch_hint > meta.epoch:
             meta.epoch = epoch_hint
-        meta.roles[member] = role_name
+        wired = self.members[member]
+        if wired[3] is not role_name:  # roles are interned: see _ROLE_NAMES
+            wired = self.members[member] = (member, wired[1], wired[2], role_name)
         channels.add(meta.name)
-        changes = meta.tree.join(member)
-        # _apply(meta, changes, skip=member), spelled out for the one or two rewires of a join: Tree.join
-        # names the joiner first (a leaf: the reply tells it its place), then its new parent, if any.
+        # _apply(meta, meta.tree.join(member), skip=member), spelled out for the one or two rewires of
+        # a join, with the wire entries straight from the tree: the reply tells the joiner (a leaf)
+        # its place, the push tells its new parent, if any, its neighbourhood.
+        placed = meta.tree.join_data(member, wired)
         epoch = meta.epoch = meta.epoch + 1
-        if changes.root_changed:
+        if placed is None:  # the first member: the root, alone
             meta.term = epoch
+            return {"epoch": epoch, "parent": None, "children": [], "depth": 0, "term": epoch}, []
+        parent, parent_wire, depth, above, below, level = placed
         term = meta.term
-        (_, parent, _, depth), *others = changes.rewires
-        wire = self._wire
-        pushes: list[Push] = [
-            (other, Rewire(meta.name, epoch, None if above is None else wire(meta, above), self._wires(meta, below),
-                           level, term, None))
-            for other, above, below, level in others
-        ]
         return {
             "epoch": epoch,
-            "parent": None if parent is None else wire(meta, parent),
+            "parent": parent_wire,
             "children": [],
             "depth": depth,
             "term": term,
-        }, pushes
+        }, [(parent, Rewire(meta.name, epoch, above, below, level, term, None))]
 
     def leave(self, member: int, channel: str) -> list[Push]:
         meta = self.channels.get(channel)
@@ -149,7 +158,6 @@ class ControllerState:
     def _remove(self, channel: str, member: int, graceful: bool = False) -> list[Push]:
         meta = self.channels[channel]
         changes = meta.tree.remove(member)
-        meta.roles.pop(member, None)
         pushes = self._apply(meta, changes)
         if len(meta.tree) == 0:
             del self.channels[channel]
@@ -176,21 +184,12 @@ class ControllerState:
             if member != skip
         ]
 
-    def _wire(self, meta: ChannelMeta, member: int) -> tuple:
-        wired = self.members[member]
-        role = meta.roles.get(member, _MEMBER)
-        if wired[3] is not role:  # roles are interned: see _ROLE_NAMES
-            wired = self.members[member] = (member, wired[1], wired[2], role)
-        return wired
+    @staticmethod
+    def _wire(meta: ChannelMeta, member: int) -> tuple:
+        return meta.tree.data(member)
 
-    def _wires(self, meta: ChannelMeta, ids) -> list[tuple]:
-        """``[self._wire(meta, m) for m in ids]`` in one call (a rewire names up to fanout children)."""
-        members, roles = self.members, meta.roles
-        out = []
-        for member in ids:
-            wired = members[member]
-            role = roles.get(member, _MEMBER)
-            if wired[3] is not role:
-                wired = members[member] = (member, wired[1], wired[2], role)
-            out.append(wired)
-        return out
+    @staticmethod
+    def _wires(meta: ChannelMeta, ids) -> list[tuple]:
+        """``[self._wire(meta, m) for m in ids]``."""
+        data = meta.tree.data
+        return [data(member) for member in ids]
