@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any, Callable
 
 import numpy as np
 
+from ..buffers import BufferPool
 from ..errors import ChannelClosed, CollectiveTimeout, ConnectionClosed, MembershipError
 from ..partition import partition
 from ..protocol.limits import SHM_MIN
@@ -27,12 +29,26 @@ log = logging.getLogger("zipcomm.shuffle")
 SENDER, RECEIVER, BOTH = "sender", "receiver", "both"
 ROLES = (SENDER, RECEIVER, BOTH)
 MAX_ROUNDS_AHEAD = 64  # parts buffered for rounds this member has not reached yet
+# Arrays at least this large are partitioned into, and a round's parts assembled into, buffers of
+# the runtime's pool: a fresh buffer of this size costs a zero-filled page per page written.
+POOLED_ARRAY_MIN = 1 << 20
 
 
-def _concat(parts: list) -> Any:
+def _poolable(data: Any) -> bool:
+    return (type(data) is np.ndarray and data.ndim >= 1 and not data.dtype.hasobject
+            and data.nbytes >= POOLED_ARRAY_MIN)
+
+
+def _concat(parts: list, pool: BufferPool | None = None) -> Any:
     arrays = [p for p in parts if isinstance(p, np.ndarray)]
     if arrays and len(arrays) == len(parts):
-        return np.concatenate(arrays) if arrays else arrays
+        first = arrays[0]
+        if (pool is not None and first.ndim >= 1 and not first.dtype.hasobject
+                and all(a.dtype == first.dtype and a.shape[1:] == first.shape[1:] for a in arrays)):
+            rows = sum(len(a) for a in arrays)
+            if rows * first.dtype.itemsize * math.prod(first.shape[1:]) >= POOLED_ARRAY_MIN:
+                return np.concatenate(arrays, out=pool.array(first.dtype, (rows, *first.shape[1:])))
+        return np.concatenate(arrays)
     out: list = []
     for p in parts:
         out.extend(p.tolist() if isinstance(p, np.ndarray) else p)
@@ -55,6 +71,9 @@ class ShuffleChannel(ChannelCore):
         self._requested = -1
         self._asked_in_epoch = -1
         self._root_wanted = -1
+        self._root: list | None = None  # the root's [member, address], as looked up ...
+        self._root_epoch = -1  # ... in this epoch (a re-wiring may move the root)
+        self._last_receivers = 0  # receivers of the last round taken: the likely count of the next
 
     # -- API -----------------------------------------------------------------
 
@@ -62,8 +81,8 @@ class ShuffleChannel(ChannelCore):
         """Send ``data`` partitioned by ``hash_function(item, n_receivers)``; returns the round."""
         if self.role == RECEIVER:
             raise ValueError("a RECEIVER cannot shuffle_send")
-        r, members = await self._start_round(timeout)
-        await self._drain(await self._send_parts_via_host(r, members, data, hash_function))
+        r, _members, sent = await self._send_round(data, hash_function, timeout)
+        await self._drain(sent)
         return r
 
     async def shuffle_receive(self, *, timeout: float | None = 30.0, with_senders: bool = False) -> Any:
@@ -82,8 +101,7 @@ class ShuffleChannel(ChannelCore):
         :meth:`shuffle_receive`)."""
         if self.role != BOTH:
             raise ValueError("shuffle_send_receive needs role BOTH")
-        r, members = await self._start_round(timeout)
-        sent = await self._send_parts_via_host(r, members, data, hash_function)
+        r, members, sent = await self._send_round(data, hash_function, timeout)
         result, senders = await self._collect(r, members, timeout)
         await self._drain(sent)
         return (result, senders) if with_senders else result
@@ -98,20 +116,21 @@ class ShuffleChannel(ChannelCore):
     # -- rounds --------------------------------------------------------------
 
     async def _start_round(self, timeout: float | None) -> tuple[int, list]:
+        r = await self._next_list(timeout)
+        return r, self._take(r)
+
+    async def _next_list(self, timeout: float | None) -> int:
+        """Wait for the member list of this member's next round; the round is not taken (see
+        :meth:`_take`), so whoever returns without awaiting again owns it."""
         if self.closed:
             raise ChannelClosed(f"channel {self.name!r} closed")
         want = self.next_round
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    ready = sorted(r for r in self.lists if r >= want)
-                    if ready:
-                        r = ready[0]
-                        members = self.lists.pop(r)
-                        for stale in [k for k in self.lists if k < r]:
-                            del self.lists[stale]
-                        self.next_round = r + 1
-                        return r, members
+                    r = self._ready_round()
+                    if r is not None:
+                        return r
                     if self._requested < want or self._asked_in_epoch != self.epoch:
                         # (again after a re-wiring: the root we asked may be root no more)
                         self._requested, self._asked_in_epoch = want, self.epoch
@@ -122,16 +141,56 @@ class ShuffleChannel(ChannelCore):
             raise CollectiveTimeout("no member list for the shuffle round", channel=self.name,
                                     epoch=self.epoch, round=want, missing=["root"]) from None
 
+    def _ready_round(self) -> int | None:
+        """The first round at or after ``next_round`` whose member list is here, or None."""
+        ready = [r for r in self.lists if r >= self.next_round]
+        return min(ready) if ready else None
+
+    def _take(self, r: int) -> list:
+        """Take round ``r`` (its list is here): this member's rounds before it are skipped."""
+        members = self.lists.pop(r)
+        for stale in [k for k in self.lists if k < r]:
+            del self.lists[stale]
+        self.next_round = r + 1
+        return members
+
     async def _ask_for_list(self, r: int) -> None:
-        if self.is_root:
-            self._root_wants_list(r)
+        if self._ask_known_root(r):
             return
+        epoch = self.epoch
         info = await self.rt.request(m.LookupRoot, channel=self.name)
         root = info["root"]
+        self._root, self._root_epoch = root, epoch
         if root[0] == self.me:
             self._root_wants_list(r)
         else:
             self.rt.send_to(root[0], root[1], m.NeedList(channel=self.name, round=r))
+
+    def _ask_known_root(self, r: int) -> bool:
+        """Ask for list ``r`` without waiting, if this member is the root or knows the root of
+        this epoch (a root that moved routes the request up its tree); False if it does not."""
+        if self.is_root:
+            self._root_wants_list(r)
+            return True
+        root = self._root if self._root_epoch == self.epoch else None
+        if root is None:
+            return False
+        if root[0] == self.me:
+            self._root_wants_list(r)
+        else:
+            self.rt.send_to(root[0], root[1], m.NeedList(channel=self.name, round=r))
+        return True
+
+    def _forget_root(self, member: int) -> bool:
+        """If ``member`` is the root we know, forget it: the next ask looks the root up."""
+        if self._root is None or self._root[0] != member:
+            return False
+        self._root, self._root_epoch = None, -1
+        return True
+
+    def on_peer_lost(self, member: int) -> None:
+        super().on_peer_lost(member)
+        self._forget_root(member)
 
     def _root_wants_list(self, r: int) -> None:
         self._root_wanted = max(self._root_wanted, r)
@@ -152,17 +211,75 @@ class ShuffleChannel(ChannelCore):
             if self._root_wanted > r:  # asked for while we were fetching
                 self._root_wants_list(self._root_wanted)
 
+    # -- sending -------------------------------------------------------------
+
+    def _via_daemon(self, receivers: list, data: Any) -> bool:
+        """Whether this member's parts go through the host daemon (see :meth:`_send_parts_via_host`)."""
+        daemon = self.rt.daemon
+        return not (daemon is None or daemon.lost or daemon.attachment is None or len(receivers) < 2
+                    or not isinstance(data, np.ndarray) or data.ndim == 0 or data.nbytes < SHM_MIN
+                    or data.dtype.hasobject
+                    or not any(mm[0] != self.me and mm[2] == self.rt.host_id for mm in receivers))
+
+    def _partition(self, data: Any, hash_function: Callable, n: int) -> list:
+        """``data`` in ``n`` parts; a large array's parts are views of a buffer of the runtime's
+        pool (it is reused once no part is referenced any more, by a socket or anyone else)."""
+        out = self.rt.buffers.array(data.dtype, data.shape) if _poolable(data) else None
+        return partition(data, hash_function, n, out=out)
+
+    async def _early_partition(self, data: Any, hash_function: Callable) -> tuple[int, list] | None:
+        """Partition a direct-link array before the round's member list is here, by the number
+        of receivers the list most likely names (the ready list's, else the last round's);
+        the list is asked for first, so that it comes while the array is partitioned.
+        ``(n, parts)``, or None when it would not help; bad input raises here, before the
+        round is taken."""
+        if not isinstance(data, np.ndarray) or data.dtype.hasobject or self.rt.daemon is not None:
+            return None
+        r = self._ready_round()
+        if r is not None:
+            n = sum(1 for mm in self.lists[r] if mm[3] in (RECEIVER, BOTH))
+        else:
+            n, want = self._last_receivers, self.next_round
+            if n < 1 or self.closed:
+                return None
+            if self._requested < want or self._asked_in_epoch != self.epoch:
+                if not self._ask_known_root(want):
+                    return None  # the root is looked up first (see _next_list)
+                self._requested, self._asked_in_epoch = want, self.epoch
+                if self.is_root:
+                    await asyncio.sleep(0)  # the list's fetch (a task) sends its request first
+        if n < 1:
+            return None
+        return n, self._partition(data, hash_function, n)
+
+    async def _send_round(self, data: Any, hash_function: Callable, timeout: float | None) -> tuple[int, list, list[int]]:
+        """Take the next round and send this member's parts of it: ``(round, members, members
+        sent to)``. Over direct links the round is taken only once the data is partitioned:
+        a hash function that fails (or returns bad indices) leaves the round to a retry."""
+        early = await self._early_partition(data, hash_function)
+        while True:
+            r = await self._next_list(timeout)
+            members = self.lists[r]
+            receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+            if self._via_daemon(receivers, data):
+                self._take(r)
+                return r, members, await self._send_parts_via_host(r, members, data, hash_function)
+            if early is not None and early[0] == len(receivers):
+                parts = early[1]
+            else:
+                parts = self._partition(data, hash_function, len(receivers)) if receivers else []
+            early = None
+            if self.lists.get(r) is members and self._ready_round() == r:  # (not taken meanwhile)
+                self._take(r)
+                self._last_receivers = len(receivers)
+                return r, members, self._send_parts(r, receivers, parts)
+
     async def _send_parts_via_host(self, r: int, members: list, data: Any, hash_function: Callable) -> list[int]:
         """Send this member's parts; with a host daemon, partition straight into its shared
         memory and hand the parts for members of this host over as references (no byte
-        crosses a socket); the rest, and everything without a daemon, goes over direct links."""
+        crosses a socket); the rest goes over direct links."""
         daemon = self.rt.daemon
         receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
-        if (daemon is None or daemon.lost or daemon.attachment is None or len(receivers) < 2
-                or not isinstance(data, np.ndarray) or data.ndim == 0 or data.nbytes < SHM_MIN
-                or data.dtype.hasobject
-                or not any(mm[0] != self.me and mm[2] == self.rt.host_id for mm in receivers)):
-            return self._send_parts(r, members, data, hash_function)
         buf = await daemon.empty(data.shape, data.dtype)  # in the arena if there is room
         parts = partition(data, hash_function, len(receivers), out=buf)
         local = [(mm[0], part) for mm, part in zip(receivers, parts)
@@ -185,11 +302,10 @@ class ShuffleChannel(ChannelCore):
         self._store_part(r, sender, data)
         self._pulse()
 
-    def _send_parts(self, r: int, members: list, data: Any, hash_function: Callable) -> list[int]:
-        """Send every part over direct links; return the members sent to."""
+    def _send_parts(self, r: int, receivers: list, parts: list) -> list[int]:
+        """Send every part over direct links (``parts[i]`` to ``receivers[i]``); return the
+        members sent to."""
         log.debug("%x sends round %d", self.me, r)
-        receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
-        parts = partition(data, hash_function, len(receivers)) if receivers else []
         sent = []
         for (member, address, _host, _role), part in zip(receivers, parts):
             if member == self.me:
@@ -214,7 +330,7 @@ class ShuffleChannel(ChannelCore):
                                     missing=[f"{s:x}" for s in missing]) from None
         got = self.parts.pop(r, {})
         included = [s for s in senders if s in got]
-        return _concat([got[s] for s in included]), sorted(included)
+        return _concat([got[s] for s in included], self.rt.buffers), sorted(included)
 
     def _store_part(self, r: int, sender: int, data: Any) -> None:
         if r < self.next_round - 1 and r not in self.parts:
@@ -227,7 +343,8 @@ class ShuffleChannel(ChannelCore):
         if graceful and not self.closed and self.role != RECEIVER:
             # Rounds that name us but that we never took: their receivers expect a part.
             for r, members in sorted(self.lists.items()):
-                self._send_parts(r, members, [], lambda item, n: 0)
+                receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+                self._send_parts(r, receivers, [[] for _ in receivers])
             self.lists.clear()
         await super().aclose(graceful)
 
@@ -250,6 +367,10 @@ class ShuffleChannel(ChannelCore):
                 self.lists[r] = members
         elif item.kind == "g":
             log.debug("%x gone %x", self.me, item.meta["member"])
+            if self._forget_root(item.meta["member"]):
+                # the list we asked it for will not come, and the re-wiring that moves the
+                # root need not reach this member: ask the new root
+                self._asked_in_epoch = -1
             if not item.meta.get("graceful"):
                 # A failed sender is wholly out of the rounds it did not finish; one that
                 # left gracefully sent its parts before leaving: they are on their way.
