@@ -381,6 +381,10 @@ class ReduceChannel(ReduceAPI, ChannelCore):
             else:
                 self._send_first(r, rnd)
 
+    def _reduce_fn(self) -> Callable[[list], Any] | None:
+        """This member's reduce_f, else the well-known one the other members named."""
+        return self.reduce_f or reduce_by_name(self.fn_name)
+
     def _combine(self, values: list, own_first: bool) -> Any:
         """reduce_f over values; in-place built-ins may reuse values[0] unless it is the
         application's own (``own_first``): received buffers are ours to overwrite."""
@@ -388,7 +392,7 @@ class ReduceChannel(ReduceAPI, ChannelCore):
             return None
         if len(values) == 1:
             return values[0]
-        reduce_f = self.reduce_f or reduce_by_name(self.fn_name)
+        reduce_f = self._reduce_fn()
         if reduce_f is None:
             raise ChannelClosed(
                 f"channel {self.name!r}: this member must combine values but has no reduce_f, and the "
@@ -409,8 +413,9 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         what it sends up (at the root: they are the largest, so all are kept), which is what
         makes combining them early the same as combining them at the end."""
         data = piece.data
+        op = self._reduce_fn()
         if (type(data) is not np.ndarray or data.nbytes < FOLD_MIN or not piece.contributors
-                or not isinstance(self.reduce_f or reduce_by_name(self.fn_name), FastOp)):
+                or not isinstance(op, FastOp)):
             return
         acc = rnd.acc
         if acc is None:
@@ -420,7 +425,7 @@ class ReduceChannel(ReduceAPI, ChannelCore):
         elif data.dtype != acc.dtype or data.shape != acc.shape:
             return  # left for the end, where a mismatch fails as it always did
         else:
-            (self.reduce_f or reduce_by_name(self.fn_name)).combine([acc, data], reuse_first=True)
+            op.combine([acc, data], reuse_first=True)
         rnd.acc_ids.extend(piece.contributors)
         rnd.folded.add(sender)
         piece.data = None  # (its bytes are in ``acc`` now)

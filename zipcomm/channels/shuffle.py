@@ -34,20 +34,30 @@ MAX_ROUNDS_AHEAD = 64  # parts buffered for rounds this member has not reached y
 POOLED_ARRAY_MIN = 1 << 20
 
 
+def _receivers(members: list) -> list:
+    """The entries of a round's member list that receive parts, in list order."""
+    return [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+
+
+def _pooled(dtype: np.dtype, shape: tuple) -> bool:
+    """Whether an array of ``dtype`` and ``shape`` is built in a buffer of the runtime's pool."""
+    return (len(shape) >= 1 and not dtype.hasobject
+            and dtype.itemsize * math.prod(shape) >= POOLED_ARRAY_MIN)
+
+
 def _poolable(data: Any) -> bool:
-    return (type(data) is np.ndarray and data.ndim >= 1 and not data.dtype.hasobject
-            and data.nbytes >= POOLED_ARRAY_MIN)
+    return type(data) is np.ndarray and _pooled(data.dtype, data.shape)
 
 
 def _concat(parts: list, pool: BufferPool | None = None) -> Any:
     arrays = [p for p in parts if isinstance(p, np.ndarray)]
     if arrays and len(arrays) == len(parts):
         first = arrays[0]
-        if (pool is not None and first.ndim >= 1 and not first.dtype.hasobject
+        if (pool is not None and first.ndim >= 1
                 and all(a.dtype == first.dtype and a.shape[1:] == first.shape[1:] for a in arrays)):
-            rows = sum(len(a) for a in arrays)
-            if rows * first.dtype.itemsize * math.prod(first.shape[1:]) >= POOLED_ARRAY_MIN:
-                return np.concatenate(arrays, out=pool.array(first.dtype, (rows, *first.shape[1:])))
+            shape = (sum(len(a) for a in arrays), *first.shape[1:])
+            if _pooled(first.dtype, shape):
+                return np.concatenate(arrays, out=pool.array(first.dtype, shape))
         return np.concatenate(arrays)
     out: list = []
     for p in parts:
@@ -131,8 +141,7 @@ class ShuffleChannel(ChannelCore):
                     r = self._ready_round()
                     if r is not None:
                         return r
-                    if self._requested < want or self._asked_in_epoch != self.epoch:
-                        # (again after a re-wiring: the root we asked may be root no more)
+                    if self._unasked(want):
                         self._requested, self._asked_in_epoch = want, self.epoch
                         await self._ask_for_list(want)
                         continue  # the list may have come while we asked: look again first
@@ -140,6 +149,11 @@ class ShuffleChannel(ChannelCore):
         except TimeoutError:
             raise CollectiveTimeout("no member list for the shuffle round", channel=self.name,
                                     epoch=self.epoch, round=want, missing=["root"]) from None
+
+    def _unasked(self, want: int) -> bool:
+        """Whether list ``want`` is still to be asked for (again after a re-wiring: the root
+        asked may be root no more)."""
+        return self._requested < want or self._asked_in_epoch != self.epoch
 
     def _ready_round(self) -> int | None:
         """The first round at or after ``next_round`` whose member list is here, or None."""
@@ -237,12 +251,12 @@ class ShuffleChannel(ChannelCore):
             return None
         r = self._ready_round()
         if r is not None:
-            n = sum(1 for mm in self.lists[r] if mm[3] in (RECEIVER, BOTH))
+            n = len(_receivers(self.lists[r]))
         else:
             n, want = self._last_receivers, self.next_round
             if n < 1 or self.closed:
                 return None
-            if self._requested < want or self._asked_in_epoch != self.epoch:
+            if self._unasked(want):
                 if not self._ask_known_root(want):
                     return None  # the root is looked up first (see _next_list)
                 self._requested, self._asked_in_epoch = want, self.epoch
@@ -260,7 +274,7 @@ class ShuffleChannel(ChannelCore):
         while True:
             r = await self._next_list(timeout)
             members = self.lists[r]
-            receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+            receivers = _receivers(members)
             if self._via_daemon(receivers, data):
                 self._take(r)
                 return r, members, await self._send_parts_via_host(r, members, data, hash_function)
@@ -279,7 +293,7 @@ class ShuffleChannel(ChannelCore):
         memory and hand the parts for members of this host over as references (no byte
         crosses a socket); the rest goes over direct links."""
         daemon = self.rt.daemon
-        receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+        receivers = _receivers(members)
         buf = await daemon.empty(data.shape, data.dtype)  # in the arena if there is room
         parts = partition(data, hash_function, len(receivers), out=buf)
         local = [(mm[0], part) for mm, part in zip(receivers, parts)
@@ -343,7 +357,7 @@ class ShuffleChannel(ChannelCore):
         if graceful and not self.closed and self.role != RECEIVER:
             # Rounds that name us but that we never took: their receivers expect a part.
             for r, members in sorted(self.lists.items()):
-                receivers = [mm for mm in members if mm[3] in (RECEIVER, BOTH)]
+                receivers = _receivers(members)
                 self._send_parts(r, receivers, [[] for _ in receivers])
             self.lists.clear()
         await super().aclose(graceful)
