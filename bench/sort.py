@@ -17,13 +17,13 @@ time four phases each:
   integers, then one row gather);
 * write: PUT my sorted records to the store.
 
-A phase's figure is the slowest worker's (the JSON also has every worker's wall and CPU seconds
-per phase); end to end is from the first worker's start to the last worker's end of write; each
-figure is the median over ``--reps`` repetitions (the backends take turns within every
-repetition, a different one first each time).  Every repetition is verified after the timed
-part: each worker reads its output back; every output must be sorted and hold one key range,
-the ranges must be ordered across workers, and the total record count and the sum of a 64-bit
-hash of all records must equal the input's.  A repetition that fails verification fails its
+A phase's figure is the slowest worker's (the JSON also has every worker's wall and CPU
+seconds, kernel CPU seconds and minor page faults per phase); end to end is from the first
+worker's start to the last worker's end of write; each figure is the median over ``--reps``
+repetitions (the backends take turns within every repetition, a different one first each
+time).  Every repetition is verified after the timed part: each worker reads its output back;
+every output must be sorted and hold one key range, the ranges must be ordered across workers,
+and the total record count and the sum of a 64-bit hash of all records must equal the input's.  A repetition that fails verification fails its
 backend (exit status 1), it never counts.
 
 Shuffle backends: ``zipcomm`` (a ShuffleChannel, role BOTH, through a controller the run starts per
@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Prints a table: per backend the median seconds of each phase and end to end;\n"
                "then zipcomm/<peer> and zipcomm-daemon/<peer> for redis and s3, of end to end "
-               "and of\nthe shuffle phase, from the same run (< 1: zipcomm is faster).  Writes a "
-               "JSON file with\nevery worker's wall and CPU seconds per phase.  Exit status: 0 "
-               "when every repetition\nof every backend ran and verified, 1 otherwise (also when "
-               "a backend could not start),\n130 on Ctrl-C.")
+               "and of\nthe shuffle phase, from the same run (< 1: zipcomm is faster); then one "
+               "worker's CPU\nseconds per phase, total and in the kernel.  Writes a JSON file with "
+               "every worker's\nwall, CPU and kernel CPU seconds and page faults per phase.  Exit "
+               "status: 0 when every\nrepetition of every backend ran and verified, 1 otherwise "
+               "(also when a backend could\nnot start), 130 on Ctrl-C.")
     p.add_argument("--size", type=parse_size, default=parse_size("2GB"),
                    help="total bytes of records, in B/KB/MB/GB (10^3) or KiB/MiB/GiB "
                         "(default: 2GB)")
@@ -260,8 +261,9 @@ def evaluate(outputs: list[tuple], n: int, expected: dict, timeout: float) -> di
     out["end_to_end"] = max(ts[4] for ts in t) - min(ts[0] for ts in t)
     out["workers"] = [{"rank": p["rank"], **{name: p["t"][i + 1] - p["t"][i]
                                              for i, name in enumerate(PHASES)},
-                       **{f"{name}_cpu": p["cpu"][i + 1] - p["cpu"][i]
-                          for i, name in enumerate(PHASES)}} for p in phases]
+                       **{f"{name}_{what}": p[what][i + 1] - p[what][i]
+                          for what in ("cpu", "sys", "minflt") for i, name in enumerate(PHASES)}}
+                      for p in phases]
     out["records_per_worker"] = {r["rank"]: r["count"] for r in results}
     return out
 
@@ -371,6 +373,18 @@ def table(summary: dict, backends: list[str]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(summary: dict, backends: list[str]) -> str:
+    """A worker's CPU seconds per phase, of which in the kernel (page faults, socket copies)."""
+    lines = [f"{'backend':<15}" + "".join(f"{c + ' cpu/kernel s':>22}" for c in PHASES)]
+    lines.append("-" * len(lines[0]))
+    for b in backends:
+        s = summary[b]
+        cells = "".join(f"{s['cpu'][c]:>15.3f} /{s['sys'][c]:>5.2f}" if s["cpu"][c] is not None
+                        else f"{'-':>22}" for c in PHASES)
+        lines.append(f"{b:<15}{cells}")
+    return "\n".join(lines)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -449,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         errors = [e["error"] for e in runs[b] if e["error"]]
         summary[b] = {c: median([e[c] for e in ok]) for c in (*PHASES, "end_to_end")}
         summary[b].update(ok=len(ok), reps=args.reps, error=errors[0] if errors else None)
+        for what in ("cpu", "sys"):  # a worker's CPU seconds per phase: median over workers and reps
+            summary[b][what] = {c: median([w[f"{c}_{what}"] for e in ok for w in e["workers"]])
+                                for c in PHASES}
     ratios = {}
     for base in (b for b in args.backends if b in BASELINES):
         for peer in (b for b in args.backends if b not in BASELINES):
@@ -456,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                 a, p = summary[base][c], summary[peer][c]
                 ratios[f"{base}/{peer} {c}"] = round(a / p, 3) if a and p else None
     print("\n" + table(summary, args.backends))
+    print("\nCPU seconds of one worker (median over workers and repetitions), total / in the kernel:\n"
+          + cpu_table(summary, args.backends))
     if ratios:
         print("\n" + "\n".join(f"{k}: {v if v is not None else '-'}" for k, v in ratios.items())
               + "\n(< 1: zipcomm is faster)")

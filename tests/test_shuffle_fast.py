@@ -7,6 +7,7 @@ order, the senders' blocks in the member list's order (the same for every receiv
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import numpy as np
 import pytest
@@ -204,6 +205,57 @@ async def test_small_and_list_data_take_the_plain_path() -> None:
                                               for ch, x in zip(chans, lists)))
                 assert sorted(v for out in outs for v in out) == sorted(v for x in lists for v in x)
                 assert all(isinstance(out, list) for out in outs)
+        finally:
+            for rt in rts:
+                await rt.aclose()
+
+
+def _pooled_base(rt, out: np.ndarray) -> int | None:
+    """The id of the pool buffer under ``out``, or None when ``out`` is not in one."""
+    return next((id(b) for b in rt.buffers._bufs if out.base is b), None)
+
+
+@pytest.mark.asyncio
+async def test_outputs_the_application_keeps_go_back_to_the_system_not_the_pool() -> None:
+    """A round's array comes from the pool while the application drops it before the next
+    round (the same buffer serves every round); once it keeps one, the pool lets go of that
+    buffer and the next rounds' arrays are plain ones, freed when the application drops them;
+    once it drops them again, the pool serves again. Every round stays exact."""
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        rts = [await zipcomm.connect(ctl.address) for _ in range(3)]
+        try:
+            chans = [await rt.shuffle_channel("s") for rt in rts]
+            bases = []
+            for rnd in range(3):  # dropped at once: one pool buffer per member, reused
+                inputs, outs = await _round(chans, rnd)
+                _check(inputs, outs, 3)
+                bases.append([_pooled_base(rt, out) for rt, out in zip(rts, outs)])
+                del outs
+            assert all(b is not None for b in bases[0]) and bases[0] == bases[1] == bases[2]
+
+            inputs, kept = await _round(chans, 3)  # kept across the next rounds, as a sort does
+            _check(inputs, kept, 3)
+            assert [_pooled_base(rt, out) for rt, out in zip(rts, kept)] == bases[0]
+            kept_copies = [out.copy() for out in kept]
+            later = []
+            for rnd in (4, 5):
+                inputs, outs = await _round(chans, rnd)
+                _check(inputs, outs, 3)
+                later.append(outs)
+                assert all(_pooled_base(rt, out) is None for rt, out in zip(rts, outs))
+            # the pool no longer holds the kept buffers: they are the application's alone
+            assert all(_pooled_base(rt, out) is None for rt, out in zip(rts, kept))
+            assert all(np.array_equal(a, b) for a, b in zip(kept, kept_copies))
+            ref = weakref.ref(kept[0].base)
+            del kept, later, outs
+            assert ref() is None  # freed with the application's last reference
+
+            for rnd in (6, 7):  # dropped at once again: pooled again
+                inputs, outs = await _round(chans, rnd)
+                _check(inputs, outs, 3)
+                if rnd == 7:
+                    assert all(_pooled_base(rt, out) is not None for rt, out in zip(rts, outs))
+                del outs
         finally:
             for rt in rts:
                 await rt.aclose()

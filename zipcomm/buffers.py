@@ -50,6 +50,14 @@ class BufferPool:
         self._bytes += nbytes
         return buf[:]
 
+    def forget(self, buf: object) -> None:
+        """Stop keeping ``buf`` if it is one of the pool's buffers: it is freed, not reused,
+        once nothing refers to it any more."""
+        for i, b in enumerate(self._bufs):
+            if b is buf:
+                self._bytes -= self._bufs.pop(i).nbytes
+                return
+
     def array(self, dtype: np.dtype, shape: list | tuple) -> np.ndarray:
         """An array of ``dtype`` and ``shape`` over a buffer of the pool (contents undefined)."""
         return self.take(dtype.itemsize * math.prod(shape)).view(dtype).reshape(shape)

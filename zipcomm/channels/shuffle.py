@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -84,6 +85,7 @@ class ShuffleChannel(ChannelCore):
         self._root: list | None = None  # the root's [member, address], as looked up ...
         self._root_epoch = -1  # ... in this epoch (a re-wiring may move the root)
         self._last_receivers = 0  # receivers of the last round taken: the likely count of the next
+        self._last_out: weakref.ref | None = None  # the array the last round handed out
 
     # -- API -----------------------------------------------------------------
 
@@ -344,7 +346,22 @@ class ShuffleChannel(ChannelCore):
                                     missing=[f"{s:x}" for s in missing]) from None
         got = self.parts.pop(r, {})
         included = [s for s in senders if s in got]
-        return _concat([got[s] for s in included], self.rt.buffers), sorted(included)
+        out = _concat([got[s] for s in included], self._output_pool())
+        self._last_out = weakref.ref(out) if isinstance(out, np.ndarray) else None
+        return out, sorted(included)
+
+    def _output_pool(self) -> BufferPool | None:
+        """The pool a round's array is assembled into: the runtime's, while the application gives
+        each round's array back (drops it) before the next round, as a loop that consumes what
+        it receives does; None, a plain array, while it keeps them (to gather rounds, as a sort
+        does). A kept array then never goes back to the pool, and its memory returns to the
+        system when the application drops it, where its next allocations find it, instead of
+        sitting in the pool."""
+        last = self._last_out() if self._last_out is not None else None
+        if last is None:
+            return self.rt.buffers
+        self.rt.buffers.forget(last.base)
+        return None
 
     def _store_part(self, r: int, sender: int, data: Any) -> None:
         if r < self.next_round - 1 and r not in self.parts:
