@@ -217,7 +217,8 @@ class ZipcommBackend(WorkerBackend):
 
     async def prepare(self, x: np.ndarray) -> np.ndarray:
         # zipcomm's way to build data that is sent without a copy: an array from the
-        # channel's empty() (shared memory behind a host daemon, a plain array otherwise)
+        # channel's empty() (in shared memory behind a host daemon; without one, an array that
+        # zipcomm keeps as it is instead of taking a private copy; read-only once handed over)
         buf = await self.ch.empty(x.shape, x.dtype)
         np.copyto(buf, x)
         return buf

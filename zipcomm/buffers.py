@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 
 import numpy as np
 
@@ -27,6 +28,8 @@ class BufferPool:
         self.max_bytes = max_bytes
         self._bufs: list[np.ndarray] = []
         self._bytes = 0
+        # Arrays made by ``empty`` and not handed over yet, by id (held weakly).
+        self._empties: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
 
     def take(self, nbytes: int) -> np.ndarray:
         """A flat uint8 array of ``nbytes`` (its contents are undefined)."""
@@ -58,15 +61,44 @@ class BufferPool:
                 self._bytes -= self._bufs.pop(i).nbytes
                 return
 
+    def empty(self, shape: object, dtype: object) -> np.ndarray:
+        """A writable array for the application to fill and then send or contribute: a large
+        one is handed over without a copy (see :meth:`hand_over`)."""
+        dt = np.dtype(dtype)
+        dims = _shape(shape)
+        if (dt.hasobject or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims)
+                or dt.itemsize * math.prod(dims) < POOLED_MIN):
+            return np.empty(shape, dt)  # (also what refuses a bad shape)
+        arr = self.take(dt.itemsize * math.prod(dims)).view(dt).reshape(dims)
+        self._empties[id(arr)] = arr
+        return arr
+
+    def hand_over(self, data: object) -> bool:
+        """Whether ``data`` is an array of :meth:`empty` handed over for the first time. It is
+        zipcomm's from now on, and read-only for the application, which may still read it (the
+        same as an array of a host daemon's ``empty()``)."""
+        if type(data) is not np.ndarray or self._empties.get(id(data)) is not data:
+            return False
+        del self._empties[id(data)]
+        data.flags.writeable = False
+        return True
+
     def array(self, dtype: np.dtype, shape: list | tuple) -> np.ndarray:
         """An array of ``dtype`` and ``shape`` over a buffer of the pool (contents undefined)."""
         return self.take(dtype.itemsize * math.prod(shape)).view(dtype).reshape(shape)
 
 
+def _shape(shape: object) -> tuple:
+    return tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+
+
 def snapshot(data: object, pool: BufferPool) -> object:
     """A private copy of a payload (checked like any): what zipcomm keeps after the call that sent
-    it returned. A large plain array is copied into a buffer of ``pool``."""
+    it returned. A large plain array is copied into a buffer of ``pool``, unless it is one of the
+    pool's :meth:`~BufferPool.empty` arrays, which is handed over as it is."""
     if type(data) is np.ndarray and data.nbytes >= POOLED_MIN and array_problem(data) is None:
+        if pool.hand_over(data):
+            return data
         copy = pool.array(data.dtype, data.shape)
         np.copyto(copy, data, casting="no")
         return copy

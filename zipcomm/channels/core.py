@@ -181,10 +181,10 @@ class ChannelCore:
                 pass
 
     async def empty(self, shape: Any, dtype: Any = "float64") -> Any:
-        """A writable array to fill and then send or contribute. Without a host daemon
-        it is an ordinary array; through one it lives in shared memory and moves
-        without a copy."""
-        return np.empty(shape, dtype)
+        """A writable array to fill and then send or contribute: a large one moves without a
+        copy, and turns read-only once handed over. Through a host daemon it lives in shared
+        memory; without one zipcomm keeps it as it is instead of taking a private copy."""
+        return self.rt.buffers.empty(shape, dtype)
 
     async def __aenter__(self):
         return self

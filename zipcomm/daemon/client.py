@@ -250,7 +250,7 @@ class _LocalHandle:
         """A writable array to fill and then send or contribute without a copy: it lives
         in the daemon's shared memory (it turns read-only once handed over)."""
         if self.direct is not None or self.client.lost:
-            return np.empty(shape, dtype)
+            return self.rt.buffers.empty(shape, dtype)  # the direct links' way (see ChannelCore.empty)
         return await self.client.empty(shape, dtype)
 
     async def _join(self, fn: str = "") -> dict:
