@@ -107,3 +107,39 @@ async def test_a_broadcast_of_an_empty_array_reaches_everyone_without_a_copy() -
         finally:
             for rt in rts:
                 await rt.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_channel_whose_daemon_is_gone_hands_empty_arrays_over_on_its_direct_links(tmp_path) -> None:
+    from zipcomm.daemon import Daemon
+    from zipcomm.testing.wait import until
+
+    async with zipcomm.Controller("127.0.0.1:0") as ctl:
+        dm = await Daemon(ctl.address, str(tmp_path / "d.sock"), shm_size=64 << 20).start()
+        rts = []
+        daemon_up = True
+        try:
+            rts = [await zipcomm.connect(ctl.address, daemon=dm.socket_path) for _ in range(3)]
+            chans = [await rt.reduce_channel("r", reduce_f=zipcomm.SUM) for rt in rts]
+            daemon_up = False
+            await dm.aclose()  # the daemon goes away: its members re-join over direct links
+            await until(lambda: all(ch.client.lost for ch in chans), what="the daemon's loss seen",
+                        limit=30, step=0.01)
+            base = np.arange(ITEMS, dtype=np.int64)
+            ins = []
+            for k, ch in enumerate(chans):
+                y = await ch.empty(base.shape, base.dtype)
+                assert y.flags.writeable
+                y[:] = base + k
+                ins.append(y)
+            outs = await asyncio.gather(*(ch.allreduce(y, timeout=30) for ch, y in zip(chans, ins)))
+            for out in outs:
+                assert np.array_equal(out, 3 * base + 3)
+            assert all(ch.direct is not None for ch in chans)
+            for k, y in enumerate(ins):  # handed over as they are: read-only, unchanged
+                assert not y.flags.writeable and np.array_equal(y, base + k)
+        finally:
+            for rt in rts:
+                await rt.aclose()
+            if daemon_up:
+                await dm.aclose()
