@@ -69,7 +69,7 @@ class BufferPool:
         if (dt.hasobject or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims)
                 or dt.itemsize * math.prod(dims) < POOLED_MIN):
             return np.empty(shape, dt)  # (also what refuses a bad shape)
-        arr = self.take(dt.itemsize * math.prod(dims)).view(dt).reshape(dims)
+        arr = self.array(dt, dims)
         self._empties[id(arr)] = arr
         return arr
 
