@@ -26,7 +26,9 @@ Backends (``cfg["backend"]``):
 
 * ``zipcomm`` and ``zipcomm-daemon`` (the same, with ``ZIPCOMM_DAEMON`` in the environment):
   ``zipcomm.connect(controller)`` and a ``ShuffleChannel`` (role BOTH), one
-  ``shuffle_send_receive(chunk, hash_function)`` per round (zipcomm partitions); the receiving
+  ``shuffle_send_receive(chunk, hash_function, parts=True)`` per round (zipcomm partitions;
+  the round comes back as the senders' parts, not joined, and with a host daemon the parts of
+  the other workers stay views of its shared memory until the concatenation); the receiving
   class of a member is dealt out by zipcomm, so each worker learns its class from the keys it
   received (they must all be of one class);
 * ``redis``: bench/redis_backend.py's ``RedisComm.shuffle_parts`` (SET in one pipeline, polling
@@ -202,11 +204,10 @@ class ZipcommExchange(Exchange):
             raise WrongResult(f"barrier counted {count} contributors, expected {self.n}")
 
     async def round(self, chunk: np.ndarray) -> list[np.ndarray]:
-        got = await self.ch.shuffle_send_receive(chunk, hash_function=key_classes,
-                                                 timeout=self.timeout)
-        if isinstance(got, list):  # no sender had anything for us: zipcomm returns []
-            return []
-        return [got]
+        # parts=True: the senders' parts as they came (through a host daemon: views of its
+        # shared memory), joined once with every round's after the last, as the others do
+        return await self.ch.shuffle_send_receive(chunk, hash_function=key_classes,
+                                                  timeout=self.timeout, parts=True)
 
     async def close(self) -> None:
         if getattr(self, "rt", None) is not None:

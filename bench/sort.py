@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=parse_size, default=parse_size("100MB"),
                    help="largest input and output object (default: 100MB, as the thesis)")
     p.add_argument("--seed", type=int, default=1, help="seed of the records (default: 1)")
-    p.add_argument("--daemon-shm-size", default="2G", metavar="SIZE",
-                   help="zipcomm-daemon: the host daemon's shared-memory arena (default: "
-                        "%(default)s)")
+    p.add_argument("--daemon-shm-size", default="3G", metavar="SIZE",
+                   help="zipcomm-daemon: the host daemon's shared-memory arena; every round's "
+                        "parts stay in it until a worker joins them after the last round, so "
+                        "it should exceed --size, or the rounds that find it full go over "
+                        "sockets (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds a repetition's workers may take before they give up; whatever "
                         f"still runs {GRACE:.0f} s later is killed (default: 900)")

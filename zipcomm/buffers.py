@@ -53,6 +53,10 @@ class BufferPool:
         self._bytes += nbytes
         return buf[:]
 
+    def pooled(self, buf: object) -> bool:
+        """Whether ``buf`` is one of the pool's buffers."""
+        return any(b is buf for b in self._bufs)
+
     def forget(self, buf: object) -> None:
         """Stop keeping ``buf`` if it is one of the pool's buffers: it is freed, not reused,
         once nothing refers to it any more."""

@@ -147,10 +147,13 @@ class ShuffleChannel(_Handle):
     def shuffle_send(self, data: Any, hash_function: Callable, timeout: float | None = 30.0) -> int:
         return self._bg.call(self._core.shuffle_send(data, hash_function, timeout=timeout), None)
 
-    def shuffle_receive(self, timeout: float | None = 30.0, with_senders: bool = False) -> Any:
-        return self._bg.call(self._core.shuffle_receive(timeout=timeout, with_senders=with_senders), None)
+    def shuffle_receive(self, timeout: float | None = 30.0, with_senders: bool = False,
+                        parts: bool = False) -> Any:
+        return self._bg.call(self._core.shuffle_receive(timeout=timeout, with_senders=with_senders,
+                                                        parts=parts), None)
 
     def shuffle_send_receive(self, data: Any, hash_function: Callable, timeout: float | None = 30.0,
-                             with_senders: bool = False) -> Any:
+                             with_senders: bool = False, parts: bool = False) -> Any:
         return self._bg.call(self._core.shuffle_send_receive(data, hash_function, timeout=timeout,
-                                                             with_senders=with_senders), None)
+                                                             with_senders=with_senders,
+                                                             parts=parts), None)

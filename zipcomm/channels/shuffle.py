@@ -97,24 +97,31 @@ class ShuffleChannel(ChannelCore):
         await self._drain(sent)
         return r
 
-    async def shuffle_receive(self, *, timeout: float | None = 30.0, with_senders: bool = False) -> Any:
-        """This member's data of the next round, once every sender delivered its part.
-        ``with_senders=True``: ``(data, senders)``, the ids of the members whose parts it holds
-        (a sender that failed during the round is wholly out)."""
+    async def shuffle_receive(self, *, timeout: float | None = 30.0, with_senders: bool = False,
+                              parts: bool = False) -> Any:
+        """This member's data of the next round, once every sender delivered its part: the
+        parts joined in one array (or list).  ``with_senders=True``: ``(data, senders)``, the
+        ids of the members whose parts it holds, ascending (a sender that failed during the
+        round is wholly out).  ``parts=True``: a list of the parts, not joined, the one of
+        ``senders[i]`` at ``i`` (possibly empty): nothing is copied, and a part another member
+        of this host handed over through its daemon stays a read-only view of the daemon's
+        shared memory (given back when dropped).  An application that gathers several rounds
+        before joining them (a sort) saves a copy of every round."""
         if self.role == SENDER:
             raise ValueError("a SENDER cannot shuffle_receive")
         r, members = await self._start_round(timeout)
-        data, senders = await self._collect(r, members, timeout)
+        data, senders = await self._collect(r, members, timeout, parts)
         return (data, senders) if with_senders else data
 
     async def shuffle_send_receive(self, data: Any, hash_function: Callable, *,
-                                   timeout: float | None = 30.0, with_senders: bool = False) -> Any:
-        """Send this member's parts and return its data of the round (``with_senders``: as
-        :meth:`shuffle_receive`)."""
+                                   timeout: float | None = 30.0, with_senders: bool = False,
+                                   parts: bool = False) -> Any:
+        """Send this member's parts and return its data of the round (``with_senders``,
+        ``parts``: as :meth:`shuffle_receive`)."""
         if self.role != BOTH:
             raise ValueError("shuffle_send_receive needs role BOTH")
         r, members, sent = await self._send_round(data, hash_function, timeout)
-        result, senders = await self._collect(r, members, timeout)
+        result, senders = await self._collect(r, members, timeout, parts)
         await self._drain(sent)
         return (result, senders) if with_senders else result
 
@@ -331,7 +338,8 @@ class ShuffleChannel(ChannelCore):
                 sent.append(member)
         return sent
 
-    async def _collect(self, r: int, members: list, timeout: float | None) -> tuple[Any, list[int]]:
+    async def _collect(self, r: int, members: list, timeout: float | None,
+                       parts: bool = False) -> tuple[Any, list[int]]:
         senders = [mm[0] for mm in members if mm[3] in (SENDER, BOTH)]
         try:
             async with asyncio.timeout(timeout):
@@ -346,9 +354,24 @@ class ShuffleChannel(ChannelCore):
                                     missing=[f"{s:x}" for s in missing]) from None
         got = self.parts.pop(r, {})
         included = [s for s in senders if s in got]
+        if parts:
+            included.sort()
+            return [self._hand_out(got[s], s == self.me) for s in included], included
         out = _concat([got[s] for s in included], self._output_pool())
         self._last_out = weakref.ref(out) if isinstance(out, np.ndarray) else None
         return out, sorted(included)
+
+    def _hand_out(self, part: Any, own: bool) -> Any:
+        """A part as the application gets it with ``parts=True``: a received part in a buffer of
+        the runtime's pool leaves the pool (the application may keep it as long as it likes);
+        this member's own part over direct links is a piece of the pooled partition buffer,
+        which the next round reuses, so it is copied."""
+        if not isinstance(part, np.ndarray) or not isinstance(part.base, np.ndarray):
+            return part
+        if own:
+            return part.copy() if self.rt.buffers.pooled(part.base) else part
+        self.rt.buffers.forget(part.base)
+        return part
 
     def _output_pool(self) -> BufferPool | None:
         """The pool a round's array is assembled into: the runtime's, while the application gives
