@@ -26,10 +26,10 @@ every output must be sorted and hold one key range, the ranges must be ordered a
 and the total record count and the sum of a 64-bit hash of all records must equal the input's.  A repetition that fails verification fails its
 backend (exit status 1), it never counts.
 
-Shuffle backends: ``zipcomm`` (a ShuffleChannel, role BOTH, through a controller the run starts per
-repetition; members connect directly), ``zipcomm-daemon`` (the same with a host daemon started per
-repetition: parts for members of the host are partitioned into its shared memory and handed over
-by reference), ``redis`` (bench/redis_backend.py's RedisComm over a redis-server the run starts:
+Shuffle backends: ``zipcomm`` (a ShuffleChannel, role BOTH, through a controller the run starts;
+members connect directly), ``zipcomm-daemon`` (the same with a host daemon the run starts, as a
+host runs one for all its jobs: parts for members of the host are partitioned into its shared
+memory and handed over by reference), ``redis`` (bench/redis_backend.py's RedisComm over a redis-server the run starts:
 SET + polling GETDEL, every key deleted as it is read) and ``s3`` (bench/s3_backend.py's S3Comm
 over a moto server the run starts).
 """
@@ -271,12 +271,18 @@ def evaluate(outputs: list[tuple], n: int, expected: dict, timeout: float) -> di
 
 
 class Services:
-    """The servers the run starts: redis-server and moto for the run, a controller per rep."""
+    """The servers the run starts, each once for the whole run (as a host or a cluster keeps them
+    for all its jobs): redis-server, moto, a zipcomm controller and a host daemon.  The daemon's
+    arena is reserved page by page when it starts (several seconds for 3G here); restarted for
+    every repetition, it would also take the memory the previous repetition's workers had just
+    freed, and leave the workers memory that the virtual machine has to fault in afresh."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args, self.workdir = args, workdir
         self.redis: RedisServer | None = None
         self.s3: S3Server | None = None
+        self.controller: Controller | None = None
+        self.daemon: Daemon | None = None
         self.bucket = f"sort-{uuid.uuid4().hex[:12]}"
         self.unavailable: dict[str, str] = {}
 
@@ -286,6 +292,18 @@ class Services:
             error = zipcomm_import_error()
             for name in zipcomms if error else ():
                 self.unavailable[name] = error
+            if not error:
+                try:
+                    self.controller = Controller(self.workdir)
+                    self.controller.start()
+                    if "zipcomm-daemon" in zipcomms:
+                        self.daemon = Daemon(self.workdir, self.controller.address,
+                                             self.args.daemon_shm_size)
+                        self.daemon.start()
+                except ServiceError as exc:
+                    for name in zipcomms:
+                        if name == "zipcomm-daemon" or self.controller is None:
+                            self.unavailable[name] = f"{type(exc).__name__}: {exc}"
         if "redis" in self.args.backends:
             try:
                 import redis  # noqa: F401
@@ -312,7 +330,13 @@ class Services:
             return redis_worker_cfg(self.redis.url, self.args)
         if backend == "s3":
             return s3_worker_cfg(self.bucket, self.s3.client_settings(), self.args)
+        if backend in BASELINES:
+            return {"controller": self.controller.address}
         return {}
+
+    def env(self, backend: str) -> dict[str, str]:
+        """What a worker of ``backend`` gets in its environment on top of the run's."""
+        return {"ZIPCOMM_DAEMON": self.daemon.address} if backend == "zipcomm-daemon" else {}
 
     def leftovers(self, backend: str, prefix: str) -> int:
         """Shuffle objects / keys still in the backend's store after a repetition (deleted)."""
@@ -323,7 +347,7 @@ class Services:
         return 0
 
     def stop(self) -> None:
-        for server in (self.redis, self.s3):
+        for server in (self.redis, self.s3, self.daemon, self.controller):
             if server is not None:
                 server.stop()
 
@@ -335,28 +359,14 @@ def run_rep(args, services: Services, backend: str, rep: int, ctx: dict) -> dict
                 loop=args.loop, prefix=prefix, chunk_records=lay["chunk_records"],
                 rounds=lay["rounds"], block_records=lay["block_records"],
                 output=f"{ctx['base']}/output/{backend}-{rep}", **services.cfg(backend))
-    controller = daemon = None
-    env = dict(ctx["env"])
-    try:
-        if backend in BASELINES:  # a controller (and a host daemon) per repetition
-            controller = Controller(ctx["workdir"])
-            controller.start()
-            base["controller"] = controller.address
-            if backend == "zipcomm-daemon":
-                daemon = Daemon(ctx["workdir"], controller.address, args.daemon_shm_size)
-                daemon.start()
-                env["ZIPCOMM_DAEMON"] = daemon.address
-        cfgs = [dict(base, rank=w, inputs=data["inputs"][w]) for w in range(args.workers)]
-        outputs = asyncio.run(run_workers(cfgs, args.timeout + GRACE, env))
-        result = evaluate(outputs, args.workers, data, args.timeout)
-        left = services.leftovers(backend, prefix)
-        if left:
-            raise SortError(f"{left} shuffle keys/objects left in {backend} after the repetition")
-        return result
-    finally:
-        for service in (daemon, controller):
-            if service is not None:
-                service.stop()
+    env = dict(ctx["env"], **services.env(backend))
+    cfgs = [dict(base, rank=w, inputs=data["inputs"][w]) for w in range(args.workers)]
+    outputs = asyncio.run(run_workers(cfgs, args.timeout + GRACE, env))
+    result = evaluate(outputs, args.workers, data, args.timeout)
+    left = services.leftovers(backend, prefix)
+    if left:
+        raise SortError(f"{left} shuffle keys/objects left in {backend} after the repetition")
+    return result
 
 
 def median(values: list[float]) -> float | None:
