@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
             "send their broadcast and reduce traffic through it: the daemon is the host's one "
             "member of each channel tree (data crosses each host once), keeps large arrays in a "
             "shared-memory arena that local members map read-only (no copy), and combines the "
-            "local contributions of a reduce in place before one partial goes up. Shuffles and "
-            "reduces with a custom function do not use it. If the daemon dies, members fall "
-            "back to direct connections."
+            "local contributions of a reduce in place before one partial goes up. A shuffle "
+            "partitions into the arena and hands the parts for members of this host over by "
+            "reference; its parts for other hosts, and reduces with a custom function, go over "
+            "direct links. If the daemon dies, members fall back to direct connections. Run "
+            "one per host for all its jobs: the arena's pages are reserved when it starts."
         ),
         epilog="Segments are named zc_d_<128-bit random>, mode 0600, listed in <socket>.segments; "
                "a daemon started after a crash removes those its predecessor left.",
