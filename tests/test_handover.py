@@ -6,13 +6,12 @@ its buffer at once. Results stay exact either way."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import numpy as np
 import pytest
 
 import zipcomm
-from zipcomm.buffers import POOLED_MIN, BufferPool, mapped, snapshot
+from zipcomm.buffers import POOLED_MIN, BufferPool, snapshot
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -144,31 +143,3 @@ async def test_a_channel_whose_daemon_is_gone_hands_empty_arrays_over_on_its_dir
                 await rt.aclose()
             if daemon_up:
                 await dm.aclose()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def test_a_buffer_the_pool_lets_go_of_returns_its_memory_when_dropped() -> None:
-    """Pool buffers are mappings of their own: once the pool forgot one (a shuffle's part handed
-    to the application) and the application drops it, the process's resident memory shrinks
-    at once, and the system's free memory has it back for the next allocation. (A block of
-    this size from malloc would stay in the process's heap: once a 20 MiB block was freed,
-    malloc serves blocks up to that size from its heap.)"""
-    np.ones(20 << 20, np.uint8)  # allocated and freed
-    pool = BufferPool()
-    arr = pool.array(np.dtype(np.uint8), (16 << 20,))
-    arr.fill(1)
-    held = _rss()
-    pool.forget(arr.base)
-    del arr
-    assert held - _rss() >= 15 << 20, "the dropped buffer's memory stayed in the process"
-    # the same for a part copied out of the pool (buffers.mapped)
-    part = mapped(12 << 20)
-    part[:] = 7
-    assert part.flags.writeable and int(part.sum()) == 7 * (12 << 20)
-    held = _rss()
-    del part
-    assert held - _rss() >= 11 << 20

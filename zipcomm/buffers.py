@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import mmap
 import sys
 import weakref
 
@@ -12,26 +11,10 @@ import numpy as np
 from .protocol.frames import array_problem
 from .protocol.payload import snapshot_payload
 
-__all__ = ["BufferPool", "POOLED_MIN", "mapped", "snapshot"]
+__all__ = ["BufferPool", "POOLED_MIN", "snapshot"]
 
 # Received arrays at least this large come from the pool.
 POOLED_MIN = 8 << 20
-
-
-def mapped(nbytes: int) -> np.ndarray:
-    """A flat uint8 array of ``nbytes`` in a private anonymous mapping of its own (zeroed), freed
-    with its last view. Its memory goes back to the system at once: a large block from malloc
-    may instead stay in the process's heap once freed, and the next large array (the
-    application's, in another size) then needs memory the system supplies afresh, page fault and
-    zero fill, which on a virtual machine can cost more than the work done in it."""
-    if nbytes <= 0:
-        return np.empty(0, np.uint8)
-    region = mmap.mmap(-1, nbytes)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)  # as numpy advises its large arrays
-    except (AttributeError, OSError):
-        pass
-    return np.frombuffer(region, np.uint8)
 
 
 class BufferPool:
@@ -39,8 +22,7 @@ class BufferPool:
     per page touched, which on this kind of transfer costs more than receiving the bytes; a
     reused one costs nothing. A buffer is reused once nothing but the pool refers to it (the
     arrays handed out and the history's parts are views of it). Bounded by ``max_bytes``:
-    beyond it, buffers are not kept. Every buffer is a mapping of its own (:func:`mapped`), so
-    one the pool lets go of returns its memory to the system when the application drops it."""
+    beyond it, buffers are plain allocations."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
         self.max_bytes = max_bytes
@@ -64,9 +46,9 @@ class BufferPool:
         while self._bytes + nbytes > self.max_bytes:
             free = [i for i in range(len(bufs)) if sys.getrefcount(bufs[i]) == 2]
             if not free:
-                return mapped(nbytes)
+                return np.empty(nbytes, np.uint8)
             self._bytes -= bufs.pop(free[0]).nbytes
-        buf = mapped(nbytes)
+        buf = np.empty(nbytes, np.uint8)
         bufs.append(buf)
         self._bytes += nbytes
         return buf[:]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..buffers import BufferPool, mapped
+from ..buffers import BufferPool
 from ..errors import ChannelClosed, CollectiveTimeout, ConnectionClosed, MembershipError
 from ..partition import partition
 from ..protocol.limits import SHM_MIN
@@ -54,13 +54,11 @@ def _concat(parts: list, pool: BufferPool | None = None) -> Any:
     arrays = [p for p in parts if isinstance(p, np.ndarray)]
     if arrays and len(arrays) == len(parts):
         first = arrays[0]
-        if first.ndim >= 1 and all(a.dtype == first.dtype and a.shape[1:] == first.shape[1:]
-                                   for a in arrays):
+        if (pool is not None and first.ndim >= 1
+                and all(a.dtype == first.dtype and a.shape[1:] == first.shape[1:] for a in arrays)):
             shape = (sum(len(a) for a in arrays), *first.shape[1:])
-            if _pooled(first.dtype, shape):  # in the pool, or in memory of its own (see mapped)
-                out = (pool.array(first.dtype, shape) if pool is not None else
-                       mapped(first.dtype.itemsize * math.prod(shape)).view(first.dtype).reshape(shape))
-                return np.concatenate(arrays, out=out)
+            if _pooled(first.dtype, shape):
+                return np.concatenate(arrays, out=pool.array(first.dtype, shape))
         return np.concatenate(arrays)
     out: list = []
     for p in parts:
@@ -371,11 +369,7 @@ class ShuffleChannel(ChannelCore):
         if not isinstance(part, np.ndarray) or not isinstance(part.base, np.ndarray):
             return part
         if own:
-            if not self.rt.buffers.pooled(part.base):
-                return part
-            copy = mapped(part.nbytes).view(part.dtype).reshape(part.shape)
-            np.copyto(copy, part)
-            return copy
+            return part.copy() if self.rt.buffers.pooled(part.base) else part
         self.rt.buffers.forget(part.base)
         return part
 
