@@ -82,8 +82,9 @@ async def test_direct_parts_are_the_applications_and_survive_later_rounds() -> N
             for out in joined:
                 cls = int(out[0] % 3)
                 assert np.array_equal(np.sort(out), np.sort(np.concatenate([x[x % 3 == cls] for x in inputs])))
-            received = weakref.ref(kept[0][1][0][0][1].base)
-            del kept, got, joined
+            parts, senders = kept[0][1][0]  # the first member's parts of round 0
+            received = weakref.ref(next(p for p, s in zip(parts, senders) if s != ids[0]).base)
+            del kept, got, joined, parts
             assert received() is None, "a handed-out part outlived the application's references"
         finally:
             for rt in rts:
@@ -140,3 +141,4 @@ async def test_the_blocking_facade_passes_parts_through() -> None:
             for rt in rts:
                 await rt.aclose()
             await asyncio.to_thread(sync.shutdown)
+            sync.configure()  # forget this test's controller address
