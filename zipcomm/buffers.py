@@ -53,17 +53,20 @@ class BufferPool:
         self._bytes += nbytes
         return buf[:]
 
+    def _index(self, buf: object) -> int:
+        """The position of ``buf`` among the pool's buffers (by identity), or -1."""
+        return next((i for i, b in enumerate(self._bufs) if b is buf), -1)
+
     def pooled(self, buf: object) -> bool:
         """Whether ``buf`` is one of the pool's buffers."""
-        return any(b is buf for b in self._bufs)
+        return self._index(buf) >= 0
 
     def forget(self, buf: object) -> None:
         """Stop keeping ``buf`` if it is one of the pool's buffers: it is freed, not reused,
         once nothing refers to it any more."""
-        for i, b in enumerate(self._bufs):
-            if b is buf:
-                self._bytes -= self._bufs.pop(i).nbytes
-                return
+        i = self._index(buf)
+        if i >= 0:
+            self._bytes -= self._bufs.pop(i).nbytes
 
     def empty(self, shape: object, dtype: object) -> np.ndarray:
         """A writable array for the application to fill and then send or contribute: a large

@@ -353,13 +353,13 @@ class ShuffleChannel(ChannelCore):
             raise CollectiveTimeout("shuffle parts missing", channel=self.name, epoch=self.epoch, round=r,
                                     missing=[f"{s:x}" for s in missing]) from None
         got = self.parts.pop(r, {})
-        included = [s for s in senders if s in got]
+        included = [s for s in senders if s in got]  # joined in the member list's order
+        ids = sorted(included)
         if parts:
-            included.sort()
-            return [self._hand_out(got[s], s == self.me) for s in included], included
+            return [self._hand_out(got[s], s == self.me) for s in ids], ids
         out = _concat([got[s] for s in included], self._output_pool())
         self._last_out = weakref.ref(out) if isinstance(out, np.ndarray) else None
-        return out, sorted(included)
+        return out, ids
 
     def _hand_out(self, part: Any, own: bool) -> Any:
         """A part as the application gets it with ``parts=True``: a received part in a buffer of
