@@ -29,9 +29,9 @@ backend (exit status 1), it never counts.
 Shuffle backends: ``zipcomm`` (a ShuffleChannel, role BOTH, through a controller the run starts;
 members connect directly), ``zipcomm-daemon`` (the same with a host daemon the run starts, as a
 host runs one for all its jobs: parts for members of the host are partitioned into its shared
-memory and handed over by reference), ``redis`` (bench/redis_backend.py's RedisComm over a redis-server the run starts:
-SET + polling GETDEL, every key deleted as it is read) and ``s3`` (bench/s3_backend.py's S3Comm
-over a moto server the run starts).
+memory and handed over by reference), ``redis`` (bench/redis_backend.py's RedisComm over a
+redis-server the run starts: SET + polling GETDEL, every key deleted as it is read) and ``s3``
+(bench/s3_backend.py's S3Comm over a moto server the run starts).
 """
 from __future__ import annotations
 
@@ -293,17 +293,7 @@ class Services:
             for name in zipcomms if error else ():
                 self.unavailable[name] = error
             if not error:
-                try:
-                    self.controller = Controller(self.workdir)
-                    self.controller.start()
-                    if "zipcomm-daemon" in zipcomms:
-                        self.daemon = Daemon(self.workdir, self.controller.address,
-                                             self.args.daemon_shm_size)
-                        self.daemon.start()
-                except ServiceError as exc:
-                    for name in zipcomms:
-                        if name == "zipcomm-daemon" or self.controller is None:
-                            self.unavailable[name] = f"{type(exc).__name__}: {exc}"
+                self._start_zipcomm("zipcomm-daemon" in zipcomms)
         if "redis" in self.args.backends:
             try:
                 import redis  # noqa: F401
@@ -324,6 +314,25 @@ class Services:
                 self.unavailable["s3"] = f"{type(exc).__name__}: {exc}"
                 if need_s3_store:
                     raise ServiceError(f"the s3:// store needs the moto server: {exc}") from exc
+
+    def _start_zipcomm(self, with_daemon: bool) -> None:
+        """The run's controller (both zipcomm backends) and host daemon; a service that does not
+        start makes the backends that need it unavailable (and is not kept to be stopped)."""
+        try:
+            controller = Controller(self.workdir)
+            controller.start()
+        except ServiceError as exc:
+            for name in BASELINES:
+                self.unavailable[name] = f"{type(exc).__name__}: {exc}"
+            return
+        self.controller = controller
+        if with_daemon:
+            try:
+                daemon = Daemon(self.workdir, controller.address, self.args.daemon_shm_size)
+                daemon.start()
+                self.daemon = daemon
+            except ServiceError as exc:
+                self.unavailable["zipcomm-daemon"] = f"{type(exc).__name__}: {exc}"
 
     def cfg(self, backend: str) -> dict:
         if backend == "redis":
